@@ -1,0 +1,178 @@
+"""Pipeline configuration: frozen dataclasses, one per step, loadable from and dumpable to TOML.
+
+Every field has a default, so ``PTQConfig()`` is a complete, sensible configuration; a TOML file
+(or CLI flags) override fields section by section. Unknown sections or keys are errors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+CALIB_METHODS = ("max", "percentile", "entropy", "mse")
+BOUND_MODES = ("preserve", "swap", "off")
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class FoldSection:
+    """Step 1: structural re-parameterization, then BatchNorm folding."""
+
+    reparameterize: bool = True
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class BoundSection:
+    """Step 2: ReLU -> ReLU6 ("preserve" rescales so the function is kept, "swap" is literal)."""
+
+    mode: str = "preserve"
+    quantile: float = 0.9999
+
+    def __post_init__(self) -> None:
+        if self.mode not in BOUND_MODES:
+            raise ValueError(f"bound.mode must be one of {BOUND_MODES}, got {self.mode!r}")
+        if not 0.5 < self.quantile <= 1.0:
+            raise ValueError(f"bound.quantile must be in (0.5, 1], got {self.quantile}")
+
+
+@dataclass(frozen=True)
+class CalibSection:
+    """Step 3: activation calibration (weights are always per-channel max)."""
+
+    method: str = "entropy"
+    percentile: float = 99.99
+    num_bins: int = 2048
+    batch_size: int = 64
+    max_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIB_METHODS:
+            raise ValueError(f"calib.method must be one of {CALIB_METHODS}, got {self.method!r}")
+        if not 0 < self.percentile <= 100:
+            raise ValueError(f"calib.percentile must be in (0, 100], got {self.percentile}")
+        if self.batch_size < 1:
+            raise ValueError(f"calib.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class ExportSection:
+    """Step 4: Q/DQ ONNX export; ``keep_float`` patterns keep layers in float."""
+
+    opset: int = 17
+    keep_float: tuple[str, ...] = ()
+    exporter: str = "torchscript"
+
+    def __post_init__(self) -> None:
+        if self.opset < 13:
+            raise ValueError(f"export.opset must be >= 13 (per-channel Q/DQ needs the axis attribute), got {self.opset}")
+        object.__setattr__(self, "keep_float", tuple(self.keep_float))
+
+
+@dataclass(frozen=True)
+class EngineSection:
+    """Step 5: the engine backend."""
+
+    backend: str = "onnxruntime"
+    device: str = "cpu"
+    fp16_fallback: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"engine.backend must be one of {BACKENDS}, got {self.backend!r}")
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """Step 6: evaluation; ``max_drop_pp`` fails the run when the engine's top-1 drop exceeds it."""
+
+    batch_size: int = 256
+    max_drop_pp: float | None = None
+    layer_report: bool = True
+    plots: bool = True
+
+
+@dataclass(frozen=True)
+class PTQConfig:
+    """The whole post-training-quantization run."""
+
+    fold: FoldSection = field(default_factory=FoldSection)
+    bound: BoundSection = field(default_factory=BoundSection)
+    calib: CalibSection = field(default_factory=CalibSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (tuples as lists), the form written to manifests and TOML."""
+
+        def conv(v: Any) -> Any:
+            return list(v) if isinstance(v, tuple) else v
+
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = {k: conv(x) for k, x in dataclasses.asdict(v).items()} if dataclasses.is_dataclass(v) else v
+        return out
+
+    def replace(self, **sections: dict[str, Any]) -> PTQConfig:
+        """A copy with fields of the named sections overridden: ``cfg.replace(calib={"method": "max"})``."""
+        return from_dict({**self.to_dict(), **{k: {**self.to_dict().get(k, {}), **v} for k, v in sections.items()}})
+
+
+def from_dict(data: dict[str, Any]) -> PTQConfig:
+    """Build a PTQConfig from nested dicts; unknown sections or keys raise ValueError naming them."""
+    kwargs: dict[str, Any] = {}
+    sections = {f.name: f for f in fields(PTQConfig)}
+    for name, value in data.items():
+        if name not in sections:
+            raise ValueError(f"unknown configuration section {name!r}; known: {sorted(sections)}")
+        f = sections[name]
+        if isinstance(value, dict):
+            cls = f.default_factory  # type: ignore[misc]
+            known = {x.name for x in fields(cls)}
+            bad = sorted(set(value) - known)
+            if bad:
+                raise ValueError(f"unknown key(s) {bad} in section [{name}]; known: {sorted(known)}")
+            kwargs[name] = cls(**value)
+        else:
+            kwargs[name] = value
+    return PTQConfig(**kwargs)
+
+
+def load_config(path: str | Path) -> PTQConfig:
+    """Read a TOML configuration (missing sections and keys take their defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"configuration file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"configuration file {path} is not valid TOML: {exc}") from exc
+    return from_dict(data)
+
+
+def to_toml(config: PTQConfig) -> str:
+    """Render a configuration as TOML (None values are omitted, as TOML has no null)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+
+    lines: list[str] = []
+    top = config.to_dict()
+    for k, v in top.items():
+        if not isinstance(v, dict) and v is not None:
+            lines.append(f"{k} = {fmt(v)}")
+    for k, v in top.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {fmt(vv)}" for kk, vv in v.items() if vv is not None]
+    return "\n".join(lines).lstrip("\n") + "\n"

@@ -1,0 +1,102 @@
+"""Fake-quant modules: a per-tensor activation quantizer and a weight-quantizing layer wrapper.
+
+Both compute exactly what a TensorRT int8 engine computes: ``scale = amax / 127``, round half to
+even, clamp to [-128, 127], zero point 0 (``torch.fake_quantize_*`` ops, which the ONNX exporter
+turns into QuantizeLinear/DequantizeLinear pairs). All state lives in buffers, so it travels with
+``state_dict`` and ``torch.distributed`` broadcasts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from calib.spec import scale_from_amax_torch
+
+QMIN, QMAX = -128, 127
+
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def weight_axis(layer: nn.Module) -> int:
+    """The output-channel axis of a layer's weight: 1 for ConvTranspose, else 0."""
+    return 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
+
+
+class ActQuant(nn.Module):
+    """Per-tensor int8 fake quantization of an activation at one quant point.
+
+    Disabled (the default after construction) it is the identity, which is the state in which
+    calibration observes its input. ``amax`` and ``enabled`` are buffers.
+    """
+
+    def __init__(self, amax: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("amax", torch.tensor(float(amax), dtype=torch.float32))
+        self.register_buffer("enabled", torch.tensor(False))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32), persistent=False)
+
+    def set_amax(self, amax: float) -> None:
+        """Set the clipping threshold and enable quantization."""
+        self.amax.fill_(float(amax))
+        self.enabled.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.enabled):
+            return x
+        scale = scale_from_amax_torch(self.amax.to(torch.float32))
+        y = torch.fake_quantize_per_tensor_affine(x.float(), scale, self.zero_point, QMIN, QMAX)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"amax={float(self.amax):.6g}, enabled={bool(self.enabled)}"
+
+
+class QuantLayer(nn.Module):
+    """A Conv/ConvTranspose/Linear whose weight is fake-quantized per output channel.
+
+    The wrapped layer is kept as ``self.layer`` with its own Parameters (not copies), so an
+    optimizer built on the float model keeps training the same tensors. ``weight_amax`` is a
+    buffer refreshed from the weight by :meth:`refresh_weight_amax` (max calibration, which is
+    exact for weights).
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)):
+            raise TypeError(f"QuantLayer wraps Conv*/ConvTranspose*/Linear, got {type(layer).__name__}")
+        self.layer = layer
+        self.axis = weight_axis(layer)
+        self.register_buffer("weight_amax", torch.zeros(layer.weight.shape[self.axis]))
+        self.register_buffer("enabled", torch.tensor(True))
+        self.register_buffer("zero_point", torch.zeros(layer.weight.shape[self.axis], dtype=torch.int32), persistent=False)
+        self.refresh_weight_amax()
+
+    @torch.no_grad()
+    def refresh_weight_amax(self) -> None:
+        """weight_amax[c] = max |W| over everything but the channel axis."""
+        w = self.layer.weight.detach()
+        dims = [d for d in range(w.ndim) if d != self.axis]
+        self.weight_amax.copy_(w.abs().amax(dim=dims).to(self.weight_amax.dtype))
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the engine runs: per-channel fake-quantized."""
+        w = self.layer.weight
+        scale = scale_from_amax_torch(self.weight_amax.float())
+        zp = self.zero_point
+        if zp.device != w.device:
+            zp = zp.to(w.device)
+        return torch.fake_quantize_per_channel_affine(w.float(), scale, zp, self.axis, QMIN, QMAX).to(w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        w = self.quantized_weight() if bool(self.enabled) else layer.weight
+        if isinstance(layer, nn.Linear):
+            return F.linear(x, w, layer.bias)
+        if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+            fn = _CONV_TRANSPOSE[len(layer.kernel_size)]
+            return fn(x, w, layer.bias, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
+        return layer._conv_forward(x, w, layer.bias)
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}, enabled={bool(self.enabled)}"
