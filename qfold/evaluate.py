@@ -1,0 +1,234 @@
+"""Accuracy loss against the FP32 training graph: per stage, per layer, as JSON, Markdown and plots.
+
+Every stage (folded, bounded, fake-quant, engine) is compared with the *original* model in eval
+mode on the same inputs. Metrics come from :mod:`qfold.metrics`; this module only runs models,
+accumulates and reports.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from calib.atomic import atomic_write_bytes, atomic_write_text
+from qfold import metrics
+
+STAGE_ORDER = ("folded", "bounded", "fake_quant", "engine")
+
+
+@dataclass(frozen=True)
+class StageMetrics:
+    """One stage against the FP32 reference (accuracies are fractions in [0, 1])."""
+
+    top1: float | None
+    top5: float | None
+    agreement: float
+    sqnr_db: float
+    max_abs_err: float
+
+
+@dataclass(frozen=True)
+class LayerMetrics:
+    """One quantized layer's output, fake-quant vs FP32 (same input to both whole models)."""
+
+    name: str
+    type: str
+    sqnr_db: float
+    input_amax: float | None = None
+
+
+@dataclass
+class AccuracyReport:
+    """Stage metrics, per-layer metrics (worst first) and the FP32 reference's own accuracy."""
+
+    reference: dict[str, float | None]
+    stages: dict[str, StageMetrics] = field(default_factory=dict)
+    layers: list[LayerMetrics] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: ``stages.<stage>.{top1, top5, agreement, sqnr_db, max_abs_err}``, ``layers[]``."""
+        return {
+            "reference": self.reference,
+            "stages": {k: asdict(v) for k, v in self.stages.items()},
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+    def drop_pp(self, stage: str = "engine") -> float | None:
+        """Top-1 drop in percentage points of ``stage`` against the reference (None without labels)."""
+        s = self.stages.get(stage)
+        if s is None or s.top1 is None or self.reference.get("top1") is None:
+            return None
+        return 100.0 * (self.reference["top1"] - s.top1)
+
+    def to_markdown(self, worst: int = 10) -> str:
+        """A human-readable summary: a table of stages and the worst layers."""
+        pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+        ref = self.reference
+        lines = [
+            "# Accuracy loss against the FP32 training graph",
+            "",
+            f"FP32 reference: top-1 {pct(ref.get('top1'))}, top-5 {pct(ref.get('top5'))}, {ref.get('samples')} samples.",
+            "",
+            "| stage | top-1 | top-5 | top-1 drop (pp) | agreement | SQNR (dB) | max abs err |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, s in self.stages.items():
+            drop = self.drop_pp(name)
+            lines.append(
+                f"| {name} | {pct(s.top1)} | {pct(s.top5)} | {'n/a' if drop is None else f'{drop:+.2f}'} | "
+                f"{pct(s.agreement)} | {s.sqnr_db:.2f} | {s.max_abs_err:.4g} |"
+            )
+        if self.layers:
+            lines += ["", f"## Worst {min(worst, len(self.layers))} quantized layers (output SQNR, fake-quant vs FP32)", ""]
+            lines += ["| layer | type | SQNR (dB) | input amax |", "|---|---|---|---|"]
+            for layer in self.layers[:worst]:
+                amax = "-" if layer.input_amax is None else f"{layer.input_amax:.4g}"
+                lines.append(f"| {layer.name} | {layer.type} | {layer.sqnr_db:.2f} | {amax} |")
+        return "\n".join(lines) + "\n"
+
+    def save(self, out_dir: str | Path, stem: str = "accuracy") -> list[Path]:
+        """Write ``<stem>.json`` and ``<stem>.md`` atomically; returns the paths."""
+        out = Path(out_dir)
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=True) + "\n"
+        return [atomic_write_text(out / f"{stem}.json", text), atomic_write_text(out / f"{stem}.md", self.to_markdown())]
+
+
+def run_logits(fn: Callable[[torch.Tensor], torch.Tensor | np.ndarray], x: torch.Tensor, batch_size: int, progress: bool = False, desc: str = "") -> np.ndarray:
+    """Concatenated float64 outputs of ``fn`` over ``x`` in batches."""
+    from tqdm.auto import tqdm
+
+    outs = []
+    starts = range(0, x.shape[0], batch_size)
+    with torch.no_grad():
+        for i in tqdm(starts, desc=desc or "evaluate", disable=not progress, leave=False):
+            out = fn(x[i : i + batch_size])
+            out = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+            outs.append(out.astype(np.float64))
+    return np.concatenate(outs)
+
+
+def reference_metrics(ref: np.ndarray, labels: torch.Tensor | None) -> dict[str, float | None]:
+    """The FP32 reference's own accuracy."""
+    y = None if labels is None else labels.numpy()
+    return {
+        "top1": None if y is None else metrics.topk_accuracy(ref, y, 1),
+        "top5": None if y is None or ref.shape[1] < 5 else metrics.topk_accuracy(ref, y, 5),
+        "samples": int(ref.shape[0]),
+    }
+
+
+def stage_metrics(ref: np.ndarray, out: np.ndarray, labels: torch.Tensor | None) -> StageMetrics:
+    """Metrics of one stage's outputs ``out`` against the reference outputs ``ref``."""
+    y = None if labels is None else labels.numpy()
+    return StageMetrics(
+        top1=None if y is None else metrics.topk_accuracy(out, y, 1),
+        top5=None if y is None or out.shape[1] < 5 else metrics.topk_accuracy(out, y, 5),
+        agreement=metrics.top1_agreement(ref, out),
+        sqnr_db=metrics.sqnr_db(ref, out),
+        max_abs_err=metrics.max_abs_err(ref, out),
+    )
+
+
+class _OutputEnergy:
+    """Streams sum(ref^2) and sum((ref-test)^2) per layer from forward hooks on two models."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.ref: dict[str, torch.Tensor] = {}
+        self.signal = dict.fromkeys(names, 0.0)
+        self.noise = dict.fromkeys(names, 0.0)
+
+    def hook_ref(self, name: str):
+        def fn(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
+            self.ref[name] = out.detach().double()
+
+        return fn
+
+    def hook_test(self, name: str):
+        def fn(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
+            ref = self.ref.pop(name)
+            self.signal[name] += float((ref**2).sum())
+            self.noise[name] += float(((ref - out.detach().double()) ** 2).sum())
+
+        return fn
+
+    def sqnr(self, name: str) -> float:
+        s, n = self.signal[name], self.noise[name]
+        if n == 0:
+            return math.inf
+        return 10 * math.log10(s / n) if s > 0 else -math.inf
+
+
+def layer_sqnr(float_model: nn.Module, fq_model: nn.Module, names: list[str], x: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """Output SQNR (dB) of each named layer: ``fq_model`` vs ``float_model`` on the same inputs.
+
+    Both models must have a module at each name (the fake-quant model keeps the float model's
+    names: a quantized layer is wrapped under its own name). Hooks are removed on exit.
+    """
+    acc = _OutputEnergy(names)
+    handles = []
+    try:
+        for n in names:
+            handles.append(float_model.get_submodule(n).register_forward_hook(acc.hook_ref(n)))
+            handles.append(fq_model.get_submodule(n).register_forward_hook(acc.hook_test(n)))
+        with torch.no_grad():
+            for i in range(0, x.shape[0], batch_size):
+                xb = x[i : i + batch_size]
+                float_model(xb)
+                fq_model(xb)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: acc.sqnr(n) for n in names}
+
+
+def save_plots(report: AccuracyReport, histograms: dict[str, tuple[np.ndarray, np.ndarray, float]], out_dir: str | Path, worst: int = 4) -> list[Path]:
+    """PNG plots: per-layer SQNR, and activation histograms with the chosen amax for the worst layers.
+
+    ``histograms`` maps a layer name to ``(counts, bin_edges, amax)`` of its input activation.
+    """
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out, paths = Path(out_dir), []
+
+    def _save(fig, name: str) -> None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+        plt.close(fig)
+        paths.append(atomic_write_bytes(out / name, buf.getvalue()))
+
+    if report.layers:
+        layers = sorted(report.layers, key=lambda layer: layer.name)
+        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(layers)), 4))
+        vals = [min(layer.sqnr_db, 80.0) for layer in layers]
+        ax.bar(range(len(layers)), vals, color=["tab:red" if v < 20 else "tab:blue" for v in vals])
+        ax.set_xticks(range(len(layers)), [layer.name for layer in layers], rotation=75, fontsize=7)
+        ax.set_ylabel("output SQNR (dB), fake-quant vs FP32")
+        ax.set_title("Per-layer SQNR (higher is better)")
+        fig.tight_layout()
+        _save(fig, "layer_sqnr.png")
+    picked = [layer.name for layer in report.layers if layer.name in histograms][:worst]
+    if picked:
+        fig, axes = plt.subplots(1, len(picked), figsize=(4 * len(picked), 3.2), squeeze=False)
+        for ax, name in zip(axes[0], picked):
+            counts, edges, amax = histograms[name]
+            ax.stairs(np.maximum(counts, 0.5), edges, fill=True)
+            ax.set_yscale("log")
+            ax.axvline(amax, color="tab:red", label=f"amax {amax:.3g}")
+            ax.set_title(name, fontsize=8)
+            ax.legend(fontsize=7)
+        fig.suptitle("Input activation |x| histograms of the worst layers")
+        fig.tight_layout()
+        _save(fig, "activation_histograms.png")
+    return paths

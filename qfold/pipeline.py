@@ -1,0 +1,283 @@
+"""The post-training-quantization path, composed: fold -> bound -> calibrate -> export -> build -> evaluate.
+
+Each step lives in its own module; this one only calls them in order, keeps every intermediate
+model (they are the stages the accuracy report compares) and writes the artifacts.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import calib
+from calib.atomic import atomic_write_bytes, atomic_write_text
+from qfold import evaluate as ev
+from qfold.config import PTQConfig
+from qfold.graph import is_eval, trace
+from qfold.quant import QuantPlan, plan_quantization, prepare_fake_quant
+from qfold.quant.prepare import act_quantizers, quant_layers, quantization_disabled, quantizer_name
+from qfold.sources import batches
+
+
+class QualityGateError(RuntimeError):
+    """The engine's accuracy drop exceeds the configured budget (``eval.max_drop_pp``)."""
+
+
+@dataclass
+class PTQResult:
+    """Everything a PTQ run produced: the stage models, the reports and the artifact paths."""
+
+    folded: nn.Module
+    bounded: nn.Module
+    fake_quant: fx.GraphModule
+    plan: QuantPlan
+    amax: dict[str, float]
+    reports: dict[str, Any] = field(default_factory=dict)
+    accuracy: ev.AccuracyReport | None = None
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+
+def _check_inputs(model: nn.Module, calib_x: torch.Tensor) -> None:
+    if not is_eval(model):
+        raise ValueError("the model is in training mode; call model.eval() before post-training quantization")
+    if calib_x is None or calib_x.shape[0] == 0:
+        raise ValueError("no calibration data: give a few hundred representative inputs (qfold never calibrates on random data)")
+    if not torch.isfinite(calib_x).all():
+        bad = int((~torch.isfinite(calib_x)).flatten(1).any(1).nonzero()[0])
+        raise ValueError(f"calibration data contains NaN/Inf (first at sample {bad}); clean the data before calibrating")
+
+
+def fold_stage(model: nn.Module, config: PTQConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """Re-parameterize branches (optional), then fold BatchNorm. Returns the model and the reports."""
+    from qfold.fold import fold_batchnorm
+    from qfold.reparam import reparameterize
+
+    reports: dict[str, Any] = {}
+    if config.fold.reparameterize:
+        model, reports["reparam"] = reparameterize(model)
+    folded, reports["fold"] = fold_batchnorm(model, strict=config.fold.strict)
+    return folded, reports
+
+
+def bound_stage(folded: nn.Module, calib_x: torch.Tensor, config: PTQConfig) -> tuple[nn.Module, Any]:
+    """ReLU -> ReLU6 in the configured mode (or nothing with mode "off")."""
+    if config.bound.mode == "off":
+        return folded, None
+    from qfold.bound import bound_relu
+
+    data = list(batches(calib_x, config.calib.batch_size))
+    return bound_relu(folded, data, mode=config.bound.mode, quantile=config.bound.quantile)
+
+
+def calibrate_stage(model: nn.Module, calib_x: torch.Tensor, config: PTQConfig) -> tuple[fx.GraphModule, QuantPlan, calib.CalibResult]:
+    """Plan Q/DQ, insert quantizers, observe the float network and set every amax."""
+    gm = model if isinstance(model, fx.GraphModule) else trace(model)
+    plan = plan_quantization(gm, config.export.keep_float)
+    fq = prepare_fake_quant(gm, plan)
+    if not plan.points:
+        raise ValueError("nothing to quantize: the model has no Conv/ConvTranspose/Linear layer outside keep_float")
+    method = calib.CalibMethod(config.calib.method, percentile=config.calib.percentile)
+    names = [quantizer_name(k) for k in sorted(plan.points)]
+    with quantization_disabled(fq):
+        result = calib.calibrate(
+            fq, batches(calib_x, config.calib.batch_size), names, method=method,
+            progress=config.progress, num_bins=config.calib.num_bins,
+        )
+    amax = {k: result.amax[quantizer_name(k)] for k in sorted(plan.points)}
+    for group in plan.groups:  # tensors meeting at a concat share one scale
+        shared = max(amax[k] for k in group)
+        amax.update(dict.fromkeys(group, shared))
+    quantizers = act_quantizers(fq)
+    for k, a in amax.items():
+        quantizers[k].set_amax(a)
+    for layer in quant_layers(fq).values():
+        layer.refresh_weight_amax()
+    return fq, plan, result
+
+
+def _hash_tensor(x: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _hash_model(model: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def calibration_table(fq: fx.GraphModule, result: calib.CalibResult, amax: dict[str, float], calib_x: torch.Tensor, model: nn.Module) -> calib.CalibTable:
+    """The versioned JSON table: activation amax per quant point, weight amax per layer and channel."""
+    weights = {name: [float(v) for v in layer.weight_amax] for name, layer in quant_layers(fq).items()}
+    return calib.CalibTable(
+        amax=dict(sorted(amax.items())),
+        method=result.method.name,
+        meta={
+            "method": {"name": result.method.name, "percentile": result.method.percentile},
+            "weights": weights,
+            "spec": {"bits": 8, "narrow": True, "scale": "amax/127", "activations": "per-tensor", "weights": "per-channel"},
+            "data_sha256": _hash_tensor(calib_x),
+            "model_sha256": _hash_model(model),
+            "samples": int(calib_x.shape[0]),
+            "batches": result.num_batches,
+            "versions": {"torch": torch.__version__.split("+")[0], "calib": "1"},
+        },
+    )
+
+
+def export_stage(fq: fx.GraphModule, example: torch.Tensor, out_dir: Path, config: PTQConfig) -> tuple[Path, list]:
+    """Export the fake-quant model to a TensorRT-profile Q/DQ ONNX; returns its path and rule violations."""
+    from qfold.export import ExportConfig, export_onnx
+    from qfold.onnx_qdq import check_trt_rules, normalize_qdq
+
+    raw = out_dir / "model_fakequant_raw.onnx"
+    export_onnx(fq, example, raw, ExportConfig(opset=config.export.opset, exporter=config.export.exporter))
+    model = normalize_qdq(onnx.load(str(raw)))
+    raw.unlink()
+    onnx.checker.check_model(model)
+    path = out_dir / "model_qdq.onnx"
+    atomic_write_bytes(path, model.SerializeToString(deterministic=True))
+    return path, check_trt_rules(model)
+
+
+def run_ptq(
+    model: nn.Module,
+    calib_x: torch.Tensor,
+    eval_x: torch.Tensor | None = None,
+    eval_y: torch.Tensor | None = None,
+    *,
+    config: PTQConfig = PTQConfig(),
+    out_dir: str | Path = "qfold-out",
+) -> PTQResult:
+    """Quantize ``model`` post-training and measure the cost, writing every artifact to ``out_dir``.
+
+    Args:
+        model: the FP32 model in eval mode (never modified).
+        calib_x: calibration inputs (N, ...), float.
+        eval_x, eval_y: evaluation inputs and optional integer labels (default: the calibration inputs).
+        config: every option, see :class:`qfold.config.PTQConfig`.
+        out_dir: folder for the Q/DQ ONNX, calibration files, engine, reports and plots.
+
+    Raises:
+        QualityGateError: after writing everything, when ``config.eval.max_drop_pp`` is exceeded.
+    """
+    _check_inputs(model, calib_x)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.calib.max_samples is not None:
+        calib_x = calib_x[: config.calib.max_samples]
+    eval_x = calib_x if eval_x is None else eval_x
+
+    folded, reports = fold_stage(model, config)
+    bounded, reports["bound"] = bound_stage(folded, calib_x, config)
+    fq, plan, cres = calibrate_stage(bounded, calib_x, config)
+    amax = {k: float(q.amax) for k, q in act_quantizers(fq).items()}
+    res = PTQResult(folded, bounded, fq, plan, amax, reports)
+
+    table = calibration_table(fq, cres, amax, calib_x, model)
+    res.artifacts["calibration_json"] = table.save_json(out / "calibration.json")
+    onnx_path, violations = export_stage(fq, calib_x[:1], out, config)
+    res.artifacts["onnx"] = onnx_path
+    res.reports["trt_rule_violations"] = [str(v) for v in violations]
+    from qfold.onnx_qdq import activation_scales, precision_map
+
+    qdq_model = onnx.load(str(onnx_path))
+    algo = {"entropy": "EntropyCalibration2"}.get(config.calib.method, "MinMaxCalibration")
+    res.artifacts["trt_cache"] = calib.write_trt_cache(out / "calibration.trtcache", activation_scales(qdq_model), algorithm=algo)
+    precision = {"layers": plan.precision_map(), "onnx_nodes": precision_map(qdq_model)}
+    res.artifacts["precision_map"] = atomic_write_text(out / "precision_map.json", json.dumps(precision, indent=2, sort_keys=True) + "\n")
+
+    engine = build_engine_stage(onnx_path, out, config)
+    res.artifacts["engine"] = Path(engine.info.engine_path)
+
+    res.accuracy = evaluate_stages(model, res, engine, eval_x, eval_y, config)
+    res.artifacts.update({p.name: p for p in res.accuracy.save(out)})
+    if config.eval.plots:
+        hists = _input_histograms(res, cres)
+        res.artifacts.update({p.name: p for p in ev.save_plots(res.accuracy, hists, out)})
+    _write_fold_reports(res, out)
+    drop = res.accuracy.drop_pp("engine")
+    budget = config.eval.max_drop_pp
+    if budget is not None and drop is not None and drop > budget:
+        raise QualityGateError(f"engine top-1 drop {drop:.2f} pp exceeds the budget of {budget:.2f} pp by {drop - budget:.2f} pp (see {out / 'accuracy.md'})")
+    return res
+
+
+def build_engine_stage(onnx_path: Path, out: Path, config: PTQConfig):
+    """Build and load the engine with the configured backend."""
+    from qfold.engine import get_backend
+    from qfold.engine.base import EngineConfig
+
+    ecfg = EngineConfig(backend=config.engine.backend, device=config.engine.device, fp16_fallback=config.engine.fp16_fallback)
+    backend = get_backend(ecfg.backend)
+    suffix = {"onnxruntime": ".ort.onnx", "tensorrt": ".plan"}[ecfg.backend]
+    engine_path = out / f"engine{suffix}"
+    backend.build(onnx_path, engine_path, ecfg)
+    return backend.load(engine_path, ecfg)
+
+
+def _layer_inputs(plan: QuantPlan, fq: fx.GraphModule) -> dict[str, str]:
+    """quantized layer name -> key of the quant point feeding it."""
+    node_to_layer = {n.name: n.target for n in fq.graph.nodes if n.op == "call_module"}
+    out: dict[str, str] = {}
+    for key, p in plan.points.items():
+        for c in p.consumers:
+            if node_to_layer.get(c) in plan.layers:
+                out[node_to_layer[c]] = key
+    return out
+
+
+def evaluate_stages(model: nn.Module, res: PTQResult, engine: Any, x: torch.Tensor, y: torch.Tensor | None, config: PTQConfig) -> ev.AccuracyReport:
+    """Every stage against the original model, and every quantized layer's SQNR."""
+    bs, prog = config.eval.batch_size, config.progress
+    ref = ev.run_logits(model, x, bs, prog, "FP32")
+    report = ev.AccuracyReport(reference=ev.reference_metrics(ref, y))
+    stages = {"folded": res.folded, "bounded": res.bounded, "fake_quant": res.fake_quant}
+    for name, m in stages.items():
+        if name == "bounded" and res.bounded is res.folded:
+            continue
+        report.stages[name] = ev.stage_metrics(ref, ev.run_logits(m, x, bs, prog, name), y)
+    run_engine = lambda xb: engine.run(xb.numpy().astype(np.float32))  # noqa: E731
+    report.stages["engine"] = ev.stage_metrics(ref, ev.run_logits(run_engine, x, bs, prog, "engine"), y)
+    if config.eval.layer_report:
+        names = sorted(res.plan.layers)
+        sq = ev.layer_sqnr(res.bounded if isinstance(res.bounded, fx.GraphModule) else trace(res.bounded), res.fake_quant, names, x, bs)
+        inputs = _layer_inputs(res.plan, res.fake_quant)
+        report.layers = sorted(
+            (ev.LayerMetrics(n, res.plan.layers[n].type, sq[n], res.amax.get(inputs.get(n, ""))) for n in names),
+            key=lambda layer: (layer.sqnr_db, layer.name),
+        )
+    return report
+
+
+def _input_histograms(res: PTQResult, cres: calib.CalibResult) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    out = {}
+    for layer, key in _layer_inputs(res.plan, res.fake_quant).items():
+        obs = cres.observers.get(quantizer_name(key))
+        if obs is None:
+            continue
+        h = obs.histogram
+        edges = np.arange(h.num_bins + 1) * h.width
+        last = int(np.nonzero(h.counts)[0][-1]) + 2 if h.counts.any() else 2
+        out[layer] = (h.counts[:last].astype(float), edges[: last + 1], res.amax[key])
+    return out
+
+
+def _write_fold_reports(res: PTQResult, out: Path) -> None:
+    def as_dict(r: Any) -> Any:
+        return r.to_dict() if hasattr(r, "to_dict") else r
+
+    data = {k: as_dict(v) for k, v in res.reports.items() if v is not None}
+    res.artifacts["reports"] = atomic_write_text(out / "reports.json", json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
