@@ -1,0 +1,300 @@
+"""TensorRT backend: the parts that need no GPU run everywhere; engine builds run where TensorRT and CUDA exist."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from calib.spec import scale_from_amax
+from qfold.engine import trt as T
+from qfold.engine.base import EngineConfig, EngineInfo
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def _qdq_conv_model(path: Path | None = None, *, cin: int = 4, cout: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """x[N,cin,8,8] -> Q/DQ -> Conv 3x3 (per-channel Q/DQ weights) -> Relu -> y; dynamic batch, opset 17."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((cout, cin, 3, 3)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(w, "W"),
+        numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), "B"),
+        numpy_helper.from_array(np.array(scale_from_amax(3.0), np.float32), "sx"),
+        numpy_helper.from_array(np.array(0, np.int8), "zx"),
+        numpy_helper.from_array(scale_from_amax(np.abs(w).reshape(cout, -1).max(1)), "sw"),
+        numpy_helper.from_array(np.zeros(cout, np.int8), "zw"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+        helper.make_node("QuantizeLinear", ["W", "sw", "zw"], ["wq"], axis=0),
+        helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
+        helper.make_node("Conv", ["xd", "wd", "B"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes, "qdq_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cout, 8, 8])], inits,
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(m)
+    if path is not None:
+        onnx.save(m, str(path))
+    return m
+
+
+def _ort(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+# ----------------------------------------------------------------------------- import discipline and errors
+
+
+def test_tensorrt_is_imported_only_inside_functions():
+    tree = ast.parse(Path(T.__file__).read_text())
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = [a.name for n in top for a in n.names] + [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
+    assert not any(n.split(".")[0] == "tensorrt" for n in names)
+    inner = [n for n in ast.walk(tree) if isinstance(n, ast.Import) and any(a.name == "tensorrt" for a in n.names)]
+    assert len(inner) == 1  # import_tensorrt() is the one place
+
+
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here, so the missing-package error cannot be shown")
+def test_missing_tensorrt_error_says_how_to_install_and_what_works_instead(tmp_path):
+    onnx_path = tmp_path / "m.onnx"
+    _qdq_conv_model(onnx_path)
+    for call in (
+        T.import_tensorrt,
+        lambda: T.BACKEND.build(onnx_path, tmp_path / "m.plan", EngineConfig(backend="tensorrt")),
+        lambda: T.BACKEND.load(tmp_path / "m.plan", EngineConfig(backend="tensorrt")),
+    ):
+        with pytest.raises(T.TensorRTUnavailableError) as exc:
+            call()
+        msg = str(exc.value)
+        assert "pip install qfold[tensorrt]" in msg and "--backend onnxruntime" in msg
+        assert isinstance(exc.value, ImportError)
+    assert not (tmp_path / "m.plan").exists()
+
+
+def test_registry_gives_this_backend_without_importing_tensorrt():
+    from qfold.engine import get_backend
+
+    backend = get_backend("tensorrt")  # works without tensorrt: the import happens at build/load
+    assert isinstance(backend, T.TensorRTBackend) and backend.name == "tensorrt"
+    assert isinstance(T.BACKEND, T.TensorRTBackend)
+
+
+# ----------------------------------------------------------------------------- build planning
+
+
+@pytest.mark.parametrize(
+    "version, has_st, flags, fp16, legacy, expected",
+    [
+        ("11.1.0.8", True, {"TF32"}, False, False, T.BuildPlan(False, (), False)),
+        ("11.0.0", False, {"TF32"}, True, False, T.BuildPlan(False, (), True)),
+        ("10.13.2.6", True, {"INT8", "FP16", "TF32"}, False, False, T.BuildPlan(True, (), False)),
+        ("10.3.0", True, {"INT8", "FP16"}, True, False, T.BuildPlan(True, (), True)),
+        ("10.3.0", True, {"INT8", "FP16"}, True, True, T.BuildPlan(False, ("INT8", "FP16"), False)),
+        ("10.3.0", True, {"INT8", "FP16"}, False, True, T.BuildPlan(False, ("INT8",), False)),
+    ],
+)
+def test_plan_build_follows_the_version_table(version, has_st, flags, fp16, legacy, expected):
+    plan = T.plan_build(version, has_strongly_typed=has_st, builder_flags=flags, fp16_fallback=fp16, legacy_weak_typing=legacy)
+    assert plan == expected
+
+
+@pytest.mark.parametrize(
+    "version, has_st, flags, legacy, match",
+    [
+        ("11.1.0", True, {"TF32"}, True, "removed in 11.0"),
+        ("10.12.0", True, {"TF32"}, True, "BuilderFlag.INT8"),
+        ("8.6.1", False, {"INT8", "FP16"}, False, "too old"),
+        ("10.0.1", False, {"INT8"}, False, "no strongly typed"),
+    ],
+)
+def test_plan_build_refuses_impossible_combinations(version, has_st, flags, legacy, match):
+    with pytest.raises(ValueError, match=match):
+        T.plan_build(version, has_strongly_typed=has_st, builder_flags=flags, fp16_fallback=False, legacy_weak_typing=legacy)
+
+
+def test_version_tuple():
+    assert T.version_tuple("10.3.0.26") == (10, 3, 0, 26)
+    assert T.version_tuple("11.1.0.post1") == (11, 1, 0)
+    with pytest.raises(ValueError):
+        T.version_tuple("dev")
+
+
+def test_profile_shapes_vary_batch_only():
+    cfg = EngineConfig(batch_min=1, batch_opt=16, batch_max=64)
+    assert T.profile_shapes("x", (-1, 3, 32, 32), cfg) == ((1, 3, 32, 32), (16, 3, 32, 32), (64, 3, 32, 32))
+    assert T.profile_shapes("x", (8, 3, 32, 32), cfg) is None
+    with pytest.raises(ValueError, match="input 'x'.*dynamic non-batch"):
+        T.profile_shapes("x", (-1, 3, -1, 32), cfg)
+    with pytest.raises(ValueError, match="batch_min <= batch_opt <= batch_max"):
+        T.profile_shapes("x", (-1, 3), EngineConfig(batch_min=4, batch_opt=2, batch_max=8))
+
+
+def test_batch_slices_cover_every_row_once():
+    for n, m in [(0, 4), (1, 4), (4, 4), (10, 4), (257, 256)]:
+        s = T.batch_slices(n, m)
+        rows = np.concatenate([np.arange(n)[sl] for sl in s]) if s else np.array([], int)
+        assert rows.tolist() == list(range(n)) and all(sl.stop - sl.start <= m for sl in s)
+    with pytest.raises(ValueError):
+        T.batch_slices(3, 0)
+
+
+def test_parser_errors_are_surfaced_with_their_messages():
+    msg = T.format_parser_errors(["In node 3 (importQuantizeLinear): zero point must be 0"], "m.onnx")
+    assert "m.onnx" in msg and "zero point must be 0" in msg and "explicit `axis`" in msg
+
+
+# ----------------------------------------------------------------------------- layer precisions
+
+# Inspector JSON in the documented kDETAILED shape (TensorRT developer guide, "Engine Inspector").
+INSPECTOR_JSON = {
+    "Layers": [
+        {"Name": "Reformatting CopyNode for Input Tensor 0 to conv", "LayerType": "Reformat",
+         "Inputs": [{"Name": "x", "Format/Datatype": "Row major linear FP32"}],
+         "Outputs": [{"Name": "r", "Format/Datatype": "Thirty-two wide channel vectorized row major Int8 format"}]},
+        {"Name": "conv + relu", "LayerType": "CaskConvolution",
+         "Inputs": [{"Name": "r", "Format/Datatype": "Thirty-two wide channel vectorized row major Int8 format"}],
+         "Outputs": [{"Name": "c", "Format/Datatype": "Row major linear FP32"}]},
+        {"Name": "softmax", "LayerType": "Softmax",
+         "Inputs": [{"Name": "c", "Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}],
+         "Outputs": [{"Name": "s", "Format/Datatype": "Row major linear FP16 format"}]},
+        {"Name": "gap", "LayerType": "Reduce",
+         "Inputs": [{"Name": "s", "Format/Datatype": "Float"}], "Outputs": [{"Name": "y", "Format/Datatype": "Float"}]},
+        {"Name": "shape math", "LayerType": "ElementWise",
+         "Inputs": [{"Name": "d", "Format/Datatype": "Int32"}], "Outputs": [{"Name": "e", "Format/Datatype": "Int32"}]},
+    ],
+    "Bindings": ["x", "y"],
+}
+
+
+def test_summarize_layers_counts_int8_and_names_float_layers():
+    s = T.summarize_layers(json.dumps(INSPECTOR_JSON))
+    assert (s.int8, s.fp16, s.fp32, s.other) == (1, 1, 1, 1)
+    assert s.float_layers == ("softmax", "gap")
+    assert s.to_dict()["float_layers"] == ["softmax", "gap"]
+
+
+def test_summarize_layers_explains_missing_detail():
+    with pytest.raises(ValueError, match="ProfilingVerbosity.DETAILED"):
+        T.summarize_layers({"Layers": ["conv + relu", "softmax"]})
+    dyn = {"Layers": [{"Name": "conv", "LayerType": "CaskConvolution", "Inputs": [{"Format/Datatype": "N/A due to dynamic shapes"}]}]}
+    with pytest.raises(ValueError, match="input shapes are set"):
+        T.summarize_layers(dyn)
+
+
+# ----------------------------------------------------------------------------- files and metadata
+
+
+def _info(plan: bytes, name: str = "m.plan") -> EngineInfo:
+    return EngineInfo(
+        backend="tensorrt", engine_path=name, onnx_sha256="ab" * 32, versions={"tensorrt": "11.1.0"},
+        extra={"gpu": "NVIDIA H100", "compute_capability": "9.0", "engine_sha256": T.sha256_bytes(plan), "layers": {"int8": 3}},
+    )
+
+
+def test_engine_and_metadata_round_trip_byte_identical(tmp_path):
+    plan = bytes(range(256)) * 8
+    a, b = tmp_path / "a" / "m.plan", tmp_path / "b" / "m.plan"
+    T.write_engine(a, plan, _info(plan))
+    T.write_engine(b, plan, _info(plan))
+    assert T.metadata_path(a).name == "m.plan.json" and T.timing_cache_path(a).name == "m.plan.timing.cache"
+    assert T.metadata_path(a).read_bytes() == T.metadata_path(b).read_bytes()
+    got_plan, got_info = T.read_engine(a)
+    assert got_plan == plan and got_info == _info(plan)
+    assert sorted(p.name for p in a.parent.iterdir()) == ["m.plan", "m.plan.json"]  # no temporary files left
+
+
+def test_write_engine_refuses_metadata_of_another_plan_and_keeps_old_files(tmp_path):
+    old = b"old plan"
+    path = tmp_path / "m.plan"
+    T.write_engine(path, old, _info(old))
+    with pytest.raises(ValueError, match="engine_sha256"):
+        T.write_engine(path, b"new plan", _info(old))
+    assert T.read_engine(path)[0] == old
+    path.write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="sha256 differs"):
+        T.read_engine(path)
+    with pytest.raises(FileNotFoundError, match="build the engine first"):
+        T.read_engine(tmp_path / "absent.plan")
+
+
+def test_check_compatible_names_both_sides():
+    info = _info(b"p")
+    T.check_compatible(info, "11.1.0", "9.0")
+    with pytest.raises(ValueError, match=r"TensorRT 11\.1\.0 for compute capability 9\.0.*TensorRT 10\.3\.0 and compute capability 8\.6"):
+        T.check_compatible(info, "10.3.0", "8.6")
+
+
+def test_sha256_file_matches_bytes(tmp_path):
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"x" * (3 << 20))
+    assert T.sha256_file(p) == T.sha256_bytes(b"x" * (3 << 20))
+
+
+# ----------------------------------------------------------------------------- ONNX preparation
+
+
+def test_prepare_onnx_passes_the_file_through_or_converts_it_to_fp16(tmp_path):
+    path = tmp_path / "m.onnx"
+    _qdq_conv_model(path)
+    assert T.prepare_onnx(path, fp16=False) == path.read_bytes()
+    m16 = onnx.load_from_string(T.prepare_onnx(path, fp16=True))
+    assert m16.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert {i.name: i.data_type for i in m16.graph.initializer}["W"] == TensorProto.FLOAT16
+    assert T.prepare_onnx(path, fp16=True) == T.prepare_onnx(path, fp16=True)  # deterministic
+    x = np.random.default_rng(1).uniform(-3, 3, (4, 4, 8, 8)).astype(np.float32)
+    y32, y16 = _ort(path.read_bytes(), x), _ort(m16.SerializeToString(), x)
+    assert np.abs(y16 - y32).max() <= 0.02 * np.abs(y32).max()
+    with pytest.raises(FileNotFoundError, match="export the Q/DQ ONNX first"):
+        T.prepare_onnx(tmp_path / "nope.onnx", fp16=False)
+
+
+# ----------------------------------------------------------------------------- TensorRT + CUDA
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("fp16_fallback", [False, True])
+def test_engine_matches_onnxruntime(tmp_path, fp16_fallback):
+    onnx_path, plan = tmp_path / "m.onnx", tmp_path / "m.plan"
+    _qdq_conv_model(onnx_path)
+    cfg = EngineConfig(backend="tensorrt", batch_min=1, batch_opt=4, batch_max=8, workspace_mib=256, fp16_fallback=fp16_fallback)
+    info = T.BACKEND.build(onnx_path, plan, cfg)
+    assert plan.is_file() and T.metadata_path(plan).is_file() and T.timing_cache_path(plan).is_file()
+    assert info.onnx_sha256 == T.sha256_file(onnx_path) and info.extra["profiles"]["x"][2] == [8, 4, 8, 8]
+    assert info.extra["layers"]["int8"] >= 1
+    engine = T.BACKEND.load(plan, cfg)
+    x = np.random.default_rng(2).uniform(-3, 3, (11, 4, 8, 8)).astype(np.float32)  # 11 > batch_max: chunked
+    y = engine.run(x)
+    ref = _ort(onnx_path.read_bytes(), x)
+    assert y.shape == ref.shape and y.dtype == np.float32
+    # a GPU int8 conv may round an output differently than ORT's reference; bound by one output step
+    assert np.abs(y - ref).max() <= 0.02 * np.abs(ref).max()
+    T.BACKEND.build(onnx_path, plan, cfg)  # second build reuses the timing cache written by the first
+    assert T.read_engine(plan)[1].extra["timing_cache"] == "m.plan.timing.cache"
+
+
+@pytest.mark.tensorrt
+def test_parse_failure_carries_tensorrt_messages(tmp_path):
+    m = _qdq_conv_model()
+    for init in m.graph.initializer:
+        if init.name == "sx":
+            init.CopyFrom(numpy_helper.from_array(np.array(-0.1, np.float32), "sx"))  # negative scale
+    path = tmp_path / "bad.onnx"
+    onnx.save(m, str(path))
+    with pytest.raises(T.EngineBuildError, match="bad.onnx"):
+        T.BACKEND.build(path, tmp_path / "bad.plan", EngineConfig(backend="tensorrt", batch_opt=1, batch_max=2))
+    assert not (tmp_path / "bad.plan").exists()
