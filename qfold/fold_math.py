@@ -94,7 +94,7 @@ def fold_affine_after(
         w = (w * a_g).reshape(weight.shape)
     else:
         raise ValueError(f"out_axis must be 0 or 1, got {out_axis}")
-    b = torch.zeros(n_out, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
+    b = torch.zeros(n_out, dtype=torch.float64, device=w.device) if bias is None else bias.detach().to(torch.float64)
     b = b * a + c
     return w.to(dtype), b.to(dtype)
 
@@ -124,5 +124,5 @@ def fold_affine_before(
     extra = [1] * (w.ndim - 2)
     w_new = w * a_g.reshape(c_out, in_per_group, *extra)
     shift = (w * c_g.reshape(c_out, in_per_group, *extra)).reshape(c_out, -1).sum(dim=1)
-    b = torch.zeros(c_out, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
+    b = torch.zeros(c_out, dtype=torch.float64, device=w.device) if bias is None else bias.detach().to(torch.float64)
     return w_new.to(dtype), (b + shift).to(dtype)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 
 import torch
 import torch.fx as fx
@@ -9,38 +10,59 @@ import torch.nn as nn
 
 
 class UntraceableModelError(TypeError):
-    """torch.fx could not trace the model; the message names the module and what to do."""
+    """torch.fx could not trace the model; the message names the module and what to do.
+
+    Attributes:
+        module_name: qualified name of the innermost module whose forward failed ("" for the
+            root), or None when it could not be told.
+    """
+
+    def __init__(self, message: str, module_name: str | None = None) -> None:
+        super().__init__(message)
+        self.module_name = module_name
 
 
-def _failing_module(model: nn.Module, exc: Exception) -> str:
-    """Best effort: the qualified name of the innermost module whose forward raised."""
+def _failing_module(model: nn.Module, exc: Exception) -> str | None:
+    """Best effort: the qualified name of the innermost module whose forward raised ("" = root).
+
+    A frame is matched to a module by its ``self`` (so two instances of one class are told
+    apart), falling back to the forward's code object.
+    """
     tb = exc.__traceback__
-    name = ""
-    code_to_name = {type(m).forward.__code__: n for n, m in model.named_modules() if hasattr(type(m), "forward")}
+    name: str | None = None
+    by_id = {id(m): n for n, m in model.named_modules()}
+    code_to_name = {type(m).forward.__code__: n for n, m in model.named_modules() if hasattr(type(m).forward, "__code__")}
     while tb is not None:
-        n = code_to_name.get(tb.tb_frame.f_code)
-        if n is not None:
-            name = n or "<root>"
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in by_id and frame.f_code is getattr(type(owner).forward, "__code__", None):
+            name = by_id[id(owner)]
+        elif frame.f_code in code_to_name:
+            name = code_to_name[frame.f_code]
         tb = tb.tb_next
     return name
 
 
-def trace(model: nn.Module, *, leaf_types: tuple[type, ...] = ()) -> fx.GraphModule:
+def trace(
+    model: nn.Module, *, leaf_types: tuple[type, ...] = (), leaf_names: Collection[str] = ()
+) -> fx.GraphModule:
     """Symbolically trace a deep copy of ``model`` (the user's model is never touched).
 
     Args:
         model: the module to trace.
         leaf_types: extra module types kept as single ``call_module`` nodes.
+        leaf_names: qualified names of extra submodules kept as single ``call_module`` nodes.
 
     Raises:
         UntraceableModelError: naming the module whose forward fx could not follow (data-dependent
-            control flow, for instance) and the usual fixes.
+            control flow, for instance) and the usual fixes; ``.module_name`` holds that name.
     """
     model = copy.deepcopy(model)
+    leaf_names = frozenset(leaf_names)
 
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, leaf_types) or super().is_leaf_module(m, qualname)
+            return isinstance(m, leaf_types) or qualname in leaf_names or super().is_leaf_module(m, qualname)
 
     try:
         graph = _Tracer().trace(model)
@@ -48,9 +70,10 @@ def trace(model: nn.Module, *, leaf_types: tuple[type, ...] = ()) -> fx.GraphMod
         where = _failing_module(model, exc)
         raise UntraceableModelError(
             f"torch.fx cannot trace {type(model).__name__}"
-            + (f": the forward of module '{where}' failed" if where else "")
+            + (f": the forward of module '{where or '<root>'}' failed" if where is not None else "")
             + f" ({type(exc).__name__}: {exc}). Make that forward free of data-dependent Python control flow, "
-            "or pass a model whose structure is an nn.Sequential / chain of named children."
+            "or pass a model whose structure is an nn.Sequential / chain of named children.",
+            module_name=where,
         ) from exc
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
 

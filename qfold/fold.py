@@ -1,0 +1,534 @@
+"""Exact BatchNorm folding: the graph pass and its legality rules.
+
+:func:`fold_batchnorm` traces a copy of the model with torch.fx, finds every eval-mode
+BatchNorm (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, "frozen" BatchNorms recognised by
+their structure and behaviour, and ``F.batch_norm`` calls on module attributes) and folds each
+one into an adjacent layer when the result is exactly the same function:
+
+* after a layer (``bn(layer(x))``): Conv1d/2d/3d, ConvTranspose1d/2d/3d (output-channel axis 1,
+  group by group), Linear (2-D input, or a 3-D input through ``transpose(1, 2)`` /
+  ``permute(0, 2, 1)``), when the layer's output feeds nothing but the BN;
+* before a layer (``layer(bn(x))``): Conv1d/2d/3d without padding, and Linear, when the BN's
+  output feeds nothing but that layer.
+
+Everything else is left in place and the :class:`~qfold.fold_report.FoldReport` says why. The
+arithmetic is :mod:`qfold.fold_math` (float64, cast back to the layer's dtype). A model fx cannot
+trace is folded piece by piece: the failing submodule becomes a leaf and is folded on its own.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
+
+from qfold.fold_math import bn_affine, fold_affine_after, fold_affine_before
+from qfold.fold_report import FoldEntry, FoldReport
+from qfold.graph import UntraceableModelError, set_module, trace
+
+__all__ = ["FoldEntry", "FoldError", "FoldReport", "fold_batchnorm"]
+
+
+class FoldError(ValueError):
+    """The model cannot be folded as asked; the message names the module and the fix."""
+
+
+# Pattern tables. BN after a layer: the weight axis that indexes output channels.
+_AFTER_AXIS: dict[type[nn.Module], int] = {
+    nn.Conv1d: 0, nn.Conv2d: 0, nn.Conv3d: 0,
+    nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 1, nn.ConvTranspose3d: 1,
+    nn.Linear: 0,
+}  # fmt: skip
+# BN before a layer: exact only when the layer never sees padding (checked separately for convs).
+_BEFORE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+_FROZEN_ATTRS = ("weight", "bias", "running_mean", "running_var")
+_BATCH_NORM_SIG = inspect.signature(F.batch_norm)
+_NOTE_2D = "assumed a 2-D (N, features) input; pass example_inputs to check"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stats:
+    mean: torch.Tensor
+    var: torch.Tensor
+    eps: float
+    gamma: torch.Tensor | None
+    beta: torch.Tensor | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Site:
+    """One BatchNorm call in the graph: its node, its input and (if usable) its statistics."""
+
+    node: fx.Node
+    name: str
+    kind: str
+    x: fx.Node
+    stats: _Stats | None
+    why_not: str = ""  # set when stats is None
+    owner: str = ""  # the module that holds the BN's statistics, deleted once unused
+
+
+def fold_batchnorm(
+    model: nn.Module,
+    *,
+    strict: bool = False,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+) -> tuple[nn.Module, FoldReport]:
+    """Fold every BatchNorm of ``model`` that can be folded exactly; never modifies ``model``.
+
+    Args:
+        model: an eval-mode model (every BatchNorm must have ``training == False``).
+        strict: raise :class:`FoldError` when any BatchNorm is left.
+        example_inputs: optional inputs; when given, tensor ranks are propagated so that
+            ``Linear -> BatchNorm1d`` folds only when the Linear really sees a 2-D input
+            (without them the fold assumes so and the report's ``note`` says it).
+
+    Returns:
+        ``(folded, report)``: a new module in eval mode (a ``torch.fx.GraphModule`` when fx traced
+        it) whose folded BatchNorms are gone and whose layers carry the folded weight and bias
+        (a bias is created where the layer had none), and the :class:`FoldReport`.
+
+    Raises:
+        FoldError: a BatchNorm is in training mode, a lazy module is not materialised, or
+            ``strict`` and some BatchNorm was left.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold_batchnorm expects an nn.Module, got {type(model).__name__}")
+    _check_model(model)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    folded, keyed = _fold_any(model, "", tuple(example_inputs) if example_inputs is not None else None)
+    report = FoldReport(tuple(e for _, e in sorted(keyed, key=lambda ke: ke[0])))
+    if strict and report.left:
+        lines = "; ".join(f"'{e.bn}': {e.reason}" for e in report.left)
+        raise FoldError(f"strict=True and {len(report.left)} BatchNorm(s) were left: {lines}")
+    return folded.eval(), report
+
+
+# ----------------------------------------------------------------------------- model checks
+def _check_model(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, _BatchNorm) and m.training:
+            raise FoldError(
+                f"BatchNorm '{name or '<root>'}' ({type(m).__name__}) is in training mode: folding uses its "
+                "running statistics, which only eval mode applies. Call model.eval() before fold_batchnorm(model)."
+            )
+        lazy = (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)
+        if any(isinstance(t, lazy) for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]):
+            raise FoldError(
+                f"module '{name or '<root>'}' ({type(m).__name__}) is a lazy module that is not materialised yet: "
+                "run one forward pass on a sample input before fold_batchnorm(model)."
+            )
+
+
+def _frozen_stats(m: nn.Module) -> _Stats | None:
+    """Statistics of a module that looks like a frozen BatchNorm (by structure), else None."""
+    if isinstance(m, _BatchNorm) or any(True for _ in m.children()):
+        return None
+    ts = [getattr(m, a, None) for a in _FROZEN_ATTRS]
+    eps = getattr(m, "eps", None)
+    if not all(isinstance(t, torch.Tensor) and t.ndim == 1 and t.is_floating_point() for t in ts):
+        return None
+    if len({t.numel() for t in ts}) != 1 or isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return None
+    return _Stats(ts[2], ts[3], float(eps), ts[0], ts[1])
+
+
+def _behaves_like_bn(m: nn.Module, st: _Stats) -> bool:
+    """True when ``m`` computes ``gamma * (x - mean) / sqrt(var + eps) + beta`` on a probe input."""
+    probe = copy.deepcopy(m)  # in its own mode: a BN that uses batch statistics in training is no frozen BN
+    n = st.mean.numel()
+    a, c = bn_affine(st.mean, st.var, st.eps, st.gamma, st.beta)
+    tol = 1e-4 if st.mean.dtype in (torch.float32, torch.float64) else 3e-2
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(2, n, 3, 3), (2, n, 4), (2, n), (2, n, 2, 2, 2)]:
+        x = torch.randn(shape, generator=gen).to(st.mean.dtype).to(st.mean.device)
+        try:
+            with torch.no_grad():
+                y = probe(x)
+        except (RuntimeError, ValueError, TypeError, IndexError):  # wrong probe shape for this module: try the next
+            continue
+        view = [1, n] + [1] * (len(shape) - 2)
+        ref = x.double() * a.view(view) + c.view(view)
+        if isinstance(y, torch.Tensor) and y.shape == ref.shape:
+            return bool((y.double() - ref).abs().max() <= tol * max(1.0, ref.abs().max().item()))
+    return False
+
+
+def _bn_like(m: nn.Module) -> bool:
+    return isinstance(m, _BatchNorm) or (_frozen_stats(m) is not None and _behaves_like_bn(m, _frozen_stats(m)))
+
+
+# ----------------------------------------------------------------------------- tracing
+def _fold_any(
+    model: nn.Module, prefix: str, example_inputs: tuple[torch.Tensor, ...] | None
+) -> tuple[nn.Module, list[tuple[tuple[int, ...], FoldEntry]]]:
+    """Fold ``model`` (trace it, making untraceable submodules leaves); entries keyed by graph order."""
+    frozen = {n for n, m in model.named_modules() if n and not isinstance(m, _BatchNorm) and _bn_like(m)}
+    leaves: set[str] = set()
+    while True:
+        try:
+            gm = trace(model, leaf_names=frozen | leaves)
+            break
+        except UntraceableModelError as exc:
+            where = exc.module_name
+            if not where or where in leaves:
+                return _fold_children(model, prefix, exc)
+            leaves.add(where)
+    ranks = _ranks(gm, example_inputs) if example_inputs is not None else {}
+    order = {n.target: i for i, n in reversed(list(enumerate(gm.graph.nodes))) if n.op == "call_module"}
+    keyed = _fold_graph(gm, prefix, frozen, ranks)
+    for leaf in sorted(leaves):
+        sub, sub_keyed = _fold_any(gm.get_submodule(leaf), f"{prefix}{leaf}.", None)
+        set_module(gm, leaf, sub)
+        keyed += [((order.get(leaf, 1 << 30), *k), e) for k, e in sub_keyed]
+    return gm, keyed
+
+
+def _fold_children(
+    model: nn.Module, prefix: str, exc: UntraceableModelError
+) -> tuple[nn.Module, list[tuple[tuple[int, ...], FoldEntry]]]:
+    """``model``'s own forward is untraceable: fold inside its children, report its direct BNs."""
+    out = copy.deepcopy(model)
+    owner = prefix[:-1] or "<root>"
+    keyed: list[tuple[tuple[int, ...], FoldEntry]] = []
+    for i, (name, child) in enumerate(list(out.named_children())):
+        if _bn_like(child):
+            why = (
+                f"its parent '{owner}' ({type(model).__name__}) cannot be traced by torch.fx "
+                f"({type(exc.__cause__ or exc).__name__}), so the layer feeding it is unknown: make "
+                f"{type(model).__name__}.forward traceable, or put the layer and its BatchNorm in an nn.Sequential"
+            )
+            keyed.append(((i,), FoldEntry(f"{prefix}{name}", type(child).__name__, "left", reason=why)))
+        elif any(_bn_like(m) for m in child.modules()):
+            sub, sub_keyed = _fold_any(child, f"{prefix}{name}.", None)
+            setattr(out, name, sub)
+            keyed += [((i, *k), e) for k, e in sub_keyed]
+    return out, keyed
+
+
+def _ranks(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> dict[fx.Node, int]:
+    """The rank of every tensor-valued node, from one eval-mode run on ``example_inputs``."""
+    ranks: dict[fx.Node, int] = {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> object:
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                ranks[n] = out.ndim
+            return out
+
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()
+    try:
+        with torch.no_grad():
+            _Recorder(gm).run(*example_inputs)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return ranks
+
+
+# ----------------------------------------------------------------------------- the pass
+def _fold_graph(
+    gm: fx.GraphModule, prefix: str, frozen: set[str], ranks: dict[fx.Node, int]
+) -> list[tuple[tuple[int, ...], FoldEntry]]:
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    done: dict[fx.Node, FoldEntry] = {}
+    left: dict[fx.Node, FoldEntry] = {}
+    changed = True
+    while changed:  # a fold can make another legal (bn -> bn -> conv), so repeat until nothing moves
+        changed = False
+        left = {}
+        calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        read = {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
+        for node in list(gm.graph.nodes):
+            site = _site(gm, node, prefix, frozen)
+            if site is None:
+                continue
+            plan, why, note = _plan(gm, site, calls, read, ranks)
+            if plan is None:
+                left[node] = FoldEntry(site.name, site.kind, "left", reason=why)
+                continue
+            direction, layer_node = plan
+            _apply(gm, site, direction, layer_node)
+            done[node] = FoldEntry(site.name, site.kind, "folded", f"{prefix}{layer_node.target}", direction, note=note)
+            changed = True
+    gm.recompile()
+    entries = sorted({**done, **left}.items(), key=lambda ne: order[ne[0]])
+    seen = Counter(e.bn for _, e in entries)
+    calls_so_far: Counter = Counter()
+    keyed = []
+    for n, e in entries:  # a BN module called at several places gets one entry per call
+        if seen[e.bn] > 1:
+            calls_so_far[e.bn] += 1
+            e = dataclasses.replace(e, bn=f"{e.bn} (call {calls_so_far[e.bn]})")
+        keyed.append(((order[n],), e))
+    return keyed
+
+
+def _site(gm: fx.GraphModule, node: fx.Node, prefix: str, frozen: set[str]) -> _Site | None:
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        name = f"{prefix}{node.target}"
+        if not node.args and not node.kwargs:
+            return None
+        x = node.args[0] if node.args else next(iter(node.kwargs.values()))
+        if isinstance(m, _BatchNorm) and type(m).forward in _BN_FORWARDS:
+            if m.training:  # the model was checked, but a GraphModule can be switched back
+                raise FoldError(f"BatchNorm '{name}' is in training mode; call model.eval() before fold_batchnorm(model).")
+            if m.running_mean is None or m.running_var is None:
+                return _Site(node, name, type(m).__name__, x, None, _NO_STATS)
+            st = _Stats(m.running_mean, m.running_var, m.eps, m.weight, m.bias)
+            return _Site(node, name, type(m).__name__, x, st, owner=node.target)
+        if node.target in frozen:
+            return _Site(node, name, type(m).__name__, x, _frozen_stats(m), owner=node.target)
+        return None
+    if node.op == "call_function" and node.target is F.batch_norm:
+        return _functional_site(gm, node, prefix)
+    return None
+
+
+_NO_STATS = "it has no running statistics (track_running_stats=False), so it normalises with batch statistics at inference"
+
+
+def _functional_site(gm: fx.GraphModule, node: fx.Node, prefix: str) -> _Site:
+    args = _BATCH_NORM_SIG.bind(*node.args, **node.kwargs)
+    args.apply_defaults()
+    a = args.arguments
+    rm = a["running_mean"]
+    owner = rm.target.rpartition(".")[0] if isinstance(rm, fx.Node) and rm.op == "get_attr" else ""
+    name = f"{prefix}{owner}" if owner else f"{prefix}{node.name}"
+    if a["training"] is True:
+        raise FoldError(
+            f"F.batch_norm in '{name}' runs with training=True: folding uses running statistics, which only "
+            "eval mode applies. Call model.eval() (and pass training=self.training) before fold_batchnorm(model)."
+        )
+    tensors = {}
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        v = a[key]
+        if isinstance(v, fx.Node) and v.op == "get_attr":
+            tensors[key] = _fetch(gm, v.target)
+        elif v is None and key in ("weight", "bias"):
+            tensors[key] = None
+        elif v is None:
+            return _Site(node, name, "F.batch_norm", a["input"], None, _NO_STATS)
+        else:
+            return _Site(node, name, "F.batch_norm", a["input"], None, f"its {key} is computed in forward, not a module attribute")
+    if not isinstance(a["training"], bool) or not isinstance(a["eps"], (int, float)):
+        return _Site(node, name, "F.batch_norm", a["input"], None, "its training flag or eps is computed in forward")
+    st = _Stats(tensors["running_mean"], tensors["running_var"], float(a["eps"]), tensors["weight"], tensors["bias"])
+    return _Site(node, name, "F.batch_norm", a["input"], st, owner=owner)
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "placeholder":
+        return f"the input '{node.target}'"
+    if node.op == "call_module":
+        return f"'{node.target}'"
+    if node.op == "output":
+        return "the model output"
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{target} ('{node.name}')" if node.op == "call_function" else f".{target}() ('{node.name}')"
+
+
+def _layer_base(m: nn.Module, types: Sequence[type[nn.Module]]) -> type[nn.Module] | None:
+    """The table type ``m`` is, if its forward is that type's own (a custom forward may not be linear)."""
+    for base in types:
+        if isinstance(m, base):
+            same = type(m).forward is base.forward
+            same = same and getattr(type(m), "_conv_forward", None) is getattr(base, "_conv_forward", None)
+            return base if same else None
+    return None
+
+
+def _pads(conv: nn.Module) -> bool:
+    if isinstance(conv, nn.Linear):
+        return False
+    if isinstance(conv.padding, str):
+        return conv.padding == "same" and any(d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size))
+    return any(p != 0 for p in conv.padding)
+
+
+def _is_swap12(node: fx.Node) -> bool:
+    """``x.transpose(1, 2)`` / ``torch.transpose(x, 1, 2)`` / ``x.permute(0, 2, 1)``."""
+    if node.op not in ("call_method", "call_function") or node.kwargs:
+        return False
+    t = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    rest = list(node.args[1:])
+    if t == "permute" and len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        rest = list(rest[0])
+    return (t == "transpose" and sorted(rest) == [1, 2]) or (t == "permute" and rest == [0, 2, 1])
+
+
+def _plan(
+    gm: fx.GraphModule, site: _Site, calls: Counter, read: set[str], ranks: dict[fx.Node, int]
+) -> tuple[tuple[str, fx.Node] | None, str, str]:
+    """``((direction, layer_node), "", note)`` for a legal fold, else ``(None, reason, "")``."""
+    if site.stats is None:
+        return None, site.why_not, ""
+    bad = _stats_problem(site.stats)
+    if bad:
+        return None, bad, ""
+    after, why_after, note_a = _plan_after(gm, site, calls, read, ranks)
+    if after is not None:
+        return ("after", after), "", note_a
+    before, why_before, note_b = _plan_before(gm, site, calls, read, ranks)
+    if before is not None:
+        return ("before", before), "", note_b
+    return None, f"after: {why_after}; before: {why_before}", ""
+
+
+def _stats_problem(st: _Stats) -> str:
+    tensors = [st.mean, st.var] + [t for t in (st.gamma, st.beta) if t is not None]
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        return "its running statistics or affine parameters are not finite"
+    n_bad = int((st.var.double() + st.eps <= 0).sum())
+    return f"running_var + eps <= 0 in {n_bad} channel(s): the statistics are corrupt" if n_bad else ""
+
+
+def _layer_problem(gm: fx.GraphModule, node: fx.Node, calls: Counter, read: set[str]) -> str:
+    m = gm.get_submodule(node.target)
+    if calls[node.target] > 1:
+        return f"'{node.target}' is called at {calls[node.target]} places, so its weights cannot absorb one BatchNorm"
+    if node.target in read:
+        return f"the parameters of '{node.target}' are also read directly in forward"
+    if parametrize.is_parametrized(m):
+        return f"'{node.target}' has a parametrized weight (weight_norm / spectral_norm...); remove the parametrization first"
+    return ""
+
+
+def _channels(m: nn.Module, *, out: bool) -> int:
+    if isinstance(m, nn.Linear):
+        return m.out_features if out else m.in_features
+    return m.out_channels if out else m.in_channels
+
+
+def _plan_after(gm, site: _Site, calls, read, ranks) -> tuple[fx.Node | None, str, str]:
+    prod, swapped = site.x, False
+    if _is_swap12(prod) and isinstance(prod.args[0], fx.Node) and len(prod.users) == 1:
+        three_d = "permute" in (prod.target, getattr(prod.target, "__name__", "")) or ranks.get(prod) == 3
+        if three_d or site.kind == "BatchNorm1d":  # BatchNorm1d accepts 2-D/3-D and transpose(1, 2) needs 3-D
+            prod, swapped = prod.args[0], True
+        elif prod.args[0].op == "call_module":
+            return None, (
+                f"its input is {_describe(prod)} of '{prod.args[0].target}', whose rank is unknown for a "
+                f"{site.kind}: pass example_inputs"
+            ), ""
+    if prod.op != "call_module":
+        return None, f"its input comes from {_describe(prod)}, not a Conv/ConvTranspose/Linear", ""
+    m = gm.get_submodule(prod.target)
+    base = _layer_base(m, list(_AFTER_AXIS))
+    if base is None or (swapped and base is not nn.Linear):
+        return None, f"its input comes from '{prod.target}' ({type(m).__name__}), not a Conv/ConvTranspose/Linear", ""
+    why = _layer_problem(gm, prod, calls, read)
+    if why:
+        return None, why, ""
+    if len(prod.users) > 1:
+        others = ", ".join(_describe(u) for u in prod.users if u is not site.node and u is not site.x)
+        return None, f"the output of '{prod.target}' also feeds {others}", ""
+    n = site.stats.mean.numel()
+    if _channels(m, out=True) != n:
+        return None, f"'{prod.target}' has {_channels(m, out=True)} output channels, the BatchNorm {n}", ""
+    note = ""
+    if base is nn.Linear and not swapped:
+        rank = ranks.get(prod)
+        if rank is None:
+            note = _NOTE_2D
+        elif rank != 2:
+            return None, f"'{prod.target}' outputs a {rank}-D tensor: the BatchNorm normalises dim 1, not its features", ""
+    return prod, "", note
+
+
+def _plan_before(gm, site: _Site, calls, read, ranks) -> tuple[fx.Node | None, str, str]:
+    users = list(site.node.users)
+    if len(users) != 1:
+        return None, f"its output feeds {len(users)} nodes ({', '.join(_describe(u) for u in users)})", ""
+    user = users[0]
+    m = gm.get_submodule(user.target) if user.op == "call_module" else None
+    if m is None or _layer_base(m, _BEFORE_TYPES) is None:
+        what = f"'{user.target}' ({type(m).__name__})" if m is not None else _describe(user)
+        return None, f"its output feeds {what}, not a Conv/Linear", ""
+    if user.args != (site.node,) or user.kwargs:
+        return None, f"'{user.target}' is called with extra arguments", ""
+    why = _layer_problem(gm, user, calls, read)
+    if why:
+        return None, why, ""
+    if _pads(m):
+        return None, (
+            f"the following '{user.target}' pads its input (padding={m.padding}): "
+            "a shift before zero padding is not a bias after it"
+        ), ""
+    n = site.stats.mean.numel()
+    if _channels(m, out=False) != n:
+        return None, f"'{user.target}' has {_channels(m, out=False)} input channels, the BatchNorm {n}", ""
+    note = ""
+    if isinstance(m, nn.Linear):
+        rank = ranks.get(site.node)
+        if rank is None:
+            note = _NOTE_2D
+        elif rank != 2:
+            return None, f"the BatchNorm output is {rank}-D: it normalises dim 1, '{user.target}' mixes the last dim", ""
+    return user, "", note
+
+
+# ----------------------------------------------------------------------------- surgery
+def _apply(gm: fx.GraphModule, site: _Site, direction: str, layer_node: fx.Node) -> None:
+    layer = gm.get_submodule(layer_node.target)
+    st = site.stats
+    a, c = bn_affine(st.mean, st.var, st.eps, st.gamma, st.beta)
+    a, c = a.to(layer.weight.device), c.to(layer.weight.device)
+    groups = getattr(layer, "groups", 1)
+    if direction == "after":
+        axis = _AFTER_AXIS[_layer_base(layer, list(_AFTER_AXIS))]
+        w, b = fold_affine_after(layer.weight, layer.bias, a, c, out_axis=axis, groups=groups)
+    else:
+        w, b = fold_affine_before(layer.weight, layer.bias, a, c, groups=groups)
+    _set_param(layer, "weight", w)
+    _set_param(layer, "bias", b)
+    bn_node, inputs = site.node, list(site.node.all_input_nodes)
+    bn_node.replace_all_uses_with(site.x)
+    gm.graph.erase_node(bn_node)
+    for n in inputs:  # the get_attr nodes that fed an F.batch_norm
+        if n.op == "get_attr" and not n.users:
+            gm.graph.erase_node(n)
+            _prune(gm, n.target)
+    _prune(gm, site.owner)
+
+
+def _set_param(layer: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace ``layer.<name>`` with a new Parameter holding ``value`` (same strides and requires_grad)."""
+    old = getattr(layer, name)
+    like = old if old is not None else value
+    data = torch.empty_like(like, dtype=value.dtype).copy_(value)  # keeps channels_last weights channels_last
+    setattr(layer, name, nn.Parameter(data, requires_grad=layer.weight.requires_grad))
+
+
+def _prune(gm: fx.GraphModule, target: str) -> None:
+    """Delete attribute/submodule ``target`` once no node of the graph refers to it any more."""
+    if not target:
+        return
+    for n in gm.graph.nodes:
+        t = n.target if isinstance(n.target, str) and n.op in ("call_module", "get_attr") else None
+        if t is not None and (t == target or t.startswith(target + ".") or target.startswith(t + ".")):
+            return
+    owner, _, attr = target.rpartition(".")
+    parent = gm.get_submodule(owner) if owner else gm
+    if isinstance(getattr(parent, attr, None), nn.Module):
+        gm.delete_submodule(target)
+    elif hasattr(parent, attr):
+        delattr(parent, attr)
