@@ -9,7 +9,7 @@ Symmetric, narrow-range int8 with zero point 0::
 Weights are quantized per output channel (``axis`` 0 for Conv/Linear, 1 for ConvTranspose),
 activations per tensor (``axis`` None). An ``amax`` of zero (a dead channel or activation)
 still yields a valid, strictly positive scale: it is replaced by ``TINY_AMAX`` so that the
-tensor quantizes to exactly zero and no engine rejects the scale.
+all-zero tensor it was observed on quantizes to exactly zero and no engine rejects the scale.
 
 Reference: TensorRT ``IQuantizeLayer`` (NvInfer.h): round half to even, clamp to [-128, 127],
 scale strictly positive, zero point all zeros.
