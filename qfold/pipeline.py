@@ -27,7 +27,14 @@ from qfold.sources import batches
 
 
 class QualityGateError(RuntimeError):
-    """The engine's accuracy drop exceeds the configured budget (``eval.max_drop_pp``)."""
+    """The engine's accuracy drop exceeds the configured budget (``eval.max_drop_pp``).
+
+    ``report`` is the full accuracy report; every artifact was written before this was raised.
+    """
+
+    def __init__(self, message: str, report: ev.AccuracyReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 @dataclass
@@ -199,8 +206,8 @@ def run_ptq(
     precision = {"layers": plan.precision_map(), "onnx_nodes": precision_map(qdq_model)}
     res.artifacts["precision_map"] = atomic_write_text(out / "precision_map.json", json.dumps(precision, indent=2, sort_keys=True) + "\n")
 
-    engine = build_engine_stage(onnx_path, out, config)
-    res.artifacts["engine"] = Path(engine.info.engine_path)
+    engine = build_engine_stage(onnx_path, out, config, calib_x)
+    res.artifacts["engine"] = out / Path(engine.info.engine_path).name
 
     res.accuracy = evaluate_stages(model, res, engine, eval_x, eval_y, config)
     res.artifacts.update({p.name: p for p in res.accuracy.save(out)})
@@ -211,12 +218,20 @@ def run_ptq(
     drop = res.accuracy.drop_pp("engine")
     budget = config.eval.max_drop_pp
     if budget is not None and drop is not None and drop > budget:
-        raise QualityGateError(f"engine top-1 drop {drop:.2f} pp exceeds the budget of {budget:.2f} pp by {drop - budget:.2f} pp (see {out / 'accuracy.md'})")
+        raise QualityGateError(
+            f"engine top-1 drop {drop:.2f} pp exceeds the budget of {budget:.2f} pp by {drop - budget:.2f} pp (see {out / 'accuracy.md'})",
+            res.accuracy,
+        )
     return res
 
 
-def build_engine_stage(onnx_path: Path, out: Path, config: PTQConfig):
-    """Build and load the engine with the configured backend."""
+def build_engine_stage(onnx_path: Path, out: Path, config: PTQConfig, calib_x: torch.Tensor | None = None):
+    """Build and load the engine with the configured backend.
+
+    For ONNX Runtime, the tensors its int8 rendering quantizes beyond the TensorRT profile (conv
+    outputs on residual branches) are calibrated on ``calib_x`` with the configured method; without
+    calibration data those layers stay in float.
+    """
     from qfold.engine import get_backend
     from qfold.engine.base import EngineConfig
 
@@ -224,7 +239,17 @@ def build_engine_stage(onnx_path: Path, out: Path, config: PTQConfig):
     backend = get_backend(ecfg.backend)
     suffix = {"onnxruntime": ".ort.onnx", "tensorrt": ".plan"}[ecfg.backend]
     engine_path = out / f"engine{suffix}"
-    backend.build(onnx_path, engine_path, ecfg)
+    if ecfg.backend == "onnxruntime" and calib_x is not None:
+        from qfold.engine.ort import ort_calibrate
+        from qfold.onnx_qdq import tensors_needing_amax_for_ort
+
+        qdq = onnx.load(str(onnx_path))
+        data = (b.numpy() for b in batches(calib_x, config.calib.batch_size))
+        method = calib.CalibMethod(config.calib.method, percentile=config.calib.percentile)
+        extra = ort_calibrate(qdq, tensors_needing_amax_for_ort(qdq), data, method, num_bins=config.calib.num_bins)
+        backend.build(onnx_path, engine_path, ecfg, extra_amax=extra)
+    else:
+        backend.build(onnx_path, engine_path, ecfg)
     return backend.load(engine_path, ecfg)
 
 

@@ -81,6 +81,37 @@ def ort_max_amax(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterab
     return amax
 
 
+def ort_calibrate(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[np.ndarray], method: str = "max", *, num_bins: int = 2048) -> dict[str, float]:
+    """Calibrate ONNX tensors with :mod:`calib`'s streaming histograms by running ``model`` in ORT.
+
+    Used for the tensors only the ONNX Runtime rendering quantizes (conv outputs on residual
+    branches, :func:`qfold.onnx_qdq.tensors_needing_amax_for_ort`), with the same method as the
+    PyTorch-side calibration. Graph optimizations are off so every named tensor exists.
+    """
+    import torch
+
+    from calib import CalibMethod, HistogramObserver
+
+    names = list(dict.fromkeys(tensors))
+    if not names:
+        return {}
+    ort = _ort()
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in have)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    in_name = sess.get_inputs()[0].name
+    observers = {n: HistogramObserver(num_bins) for n in names}
+    for x in batches:
+        for n, v in zip(names, sess.run(names, {in_name: np.ascontiguousarray(x, dtype=np.float32)})):
+            observers[n].update(torch.from_numpy(np.asarray(v)))
+    parsed = CalibMethod.parse(method)
+    return {n: o.compute_amax(parsed) for n, o in observers.items()}
+
+
 class OrtEngine:
     """A loaded ONNX Runtime engine: ``run(x)`` takes and returns float32 numpy arrays."""
 

@@ -44,9 +44,12 @@ class ActQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.enabled):
             return x
-        scale = scale_from_amax_torch(self.amax.to(torch.float32))
-        y = torch.fake_quantize_per_tensor_affine(x.float(), scale, self.zero_point, QMIN, QMAX)
-        return y.to(x.dtype)
+        amax = self.amax if self.amax.dtype == torch.float32 else self.amax.float()
+        scale = scale_from_amax_torch(amax)
+        # fake_quantize wants float32; casting only when needed keeps the exported graph Cast-free
+        xf = x if x.dtype == torch.float32 else x.float()
+        y = torch.fake_quantize_per_tensor_affine(xf, scale, self.zero_point, QMIN, QMAX)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"amax={float(self.amax):.6g}, enabled={bool(self.enabled)}"
@@ -82,11 +85,14 @@ class QuantLayer(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         """The weight the engine runs: per-channel fake-quantized."""
         w = self.layer.weight
-        scale = scale_from_amax_torch(self.weight_amax.float())
+        amax = self.weight_amax if self.weight_amax.dtype == torch.float32 else self.weight_amax.float()
+        scale = scale_from_amax_torch(amax)
         zp = self.zero_point
         if zp.device != w.device:
             zp = zp.to(w.device)
-        return torch.fake_quantize_per_channel_affine(w.float(), scale, zp, self.axis, QMIN, QMAX).to(w.dtype)
+        wf = w if w.dtype == torch.float32 else w.float()
+        wq = torch.fake_quantize_per_channel_affine(wf, scale, zp, self.axis, QMIN, QMAX)
+        return wq if w.dtype == torch.float32 else wq.to(w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer

@@ -1,0 +1,154 @@
+"""Reproducible edge builds: a TOML file in, a checked artifact folder with a manifest out.
+
+The TOML holds ``[model]`` (``example = "resnet"`` or ``factory = "pkg.mod:fn"`` + ``checkpoint``),
+``[data]`` (``calib`` / ``eval`` sources, or ``example = true``), ``[output] dir``, and any
+:class:`qfold.config.PTQConfig` sections (``[calib]``, ``[export]``, ``[engine]``, ``[eval]``
+with ``max_drop_pp`` as the accuracy budget ...). Paths are relative to the TOML file.
+
+The manifest lists the sha256 of every artifact, the versions of Python, torch, onnx,
+onnxruntime and TensorRT, and the configuration. The same inputs give byte-identical ONNX,
+calibration files and manifest hashes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import tomllib
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from calib.atomic import atomic_write_text
+from qfold import config as cfgmod
+from qfold import sources
+
+SECTIONS_OWN = ("model", "data", "output")
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """A parsed build file."""
+
+    model: dict[str, Any]
+    data: dict[str, Any]
+    out_dir: Path
+    config: cfgmod.PTQConfig
+    source: Path
+
+
+def load_build_spec(path: str | Path) -> BuildSpec:
+    """Parse a build TOML; unknown sections and keys are errors (they would silently do nothing)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"build file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"build file {path} is not valid TOML: {exc}") from exc
+    own = {k: data.pop(k, {}) for k in SECTIONS_OWN}
+    if not own["model"]:
+        raise ValueError(f"build file {path} has no [model] section (example = \"resnet\" or factory = \"pkg.mod:fn\")")
+    bad = sorted(set(own["model"]) - {"example", "factory", "checkpoint"}) + sorted(set(own["data"]) - {"example", "calib", "eval"})
+    if bad:
+        raise ValueError(f"unknown key(s) {bad} in [model]/[data] of {path}")
+    out = Path(own["output"].get("dir", "build"))
+    base = path.resolve().parent
+    return BuildSpec(own["model"], own["data"], out if out.is_absolute() else base / out, cfgmod.from_dict(data), path.resolve())
+
+
+def _resolve(spec: BuildSpec, value: str) -> str:
+    p = Path(value)
+    return str(p if p.is_absolute() or ":" in value and not (spec.source.parent / p).exists() else spec.source.parent / p)
+
+
+def _inputs(spec: BuildSpec):
+    if "example" in spec.model:
+        from qfold.examples import load_data, load_model
+
+        model = load_model(spec.model["example"])
+    else:
+        ckpt = spec.model.get("checkpoint")
+        model = sources.load_model(_resolve(spec, spec.model["factory"]), _resolve(spec, ckpt) if ckpt else None)
+    if spec.data.get("example") or ("example" in spec.model and not spec.data):
+        from qfold.examples import load_data
+
+        (cx, _), (ex, ey) = load_data("calib"), load_data("test")
+    else:
+        if "calib" not in spec.data:
+            raise ValueError("[data] needs calib = <source> (qfold never calibrates on random data)")
+        cx, _ = sources.load_data(_resolve(spec, spec.data["calib"]))
+        ex, ey = sources.load_data(_resolve(spec, spec.data["eval"])) if "eval" in spec.data else (None, None)
+    return model, cx, ex, ey
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the toolchain that produced an artifact (None: not installed)."""
+
+    def v(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "python": platform.python_version(),
+        "qfold": v("qfold"),
+        "torch": torch.__version__,
+        "onnx": v("onnx"),
+        "onnxruntime": v("onnxruntime"),
+        "tensorrt": v("tensorrt"),
+    }
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_build(path: str | Path) -> dict[str, Any]:
+    """Build the artifact folder described by the TOML at ``path`` and return the manifest.
+
+    Raises:
+        qfold.pipeline.QualityGateError: the accuracy budget is exceeded (after every artifact and
+            the manifest, which records the excess, are written).
+    """
+    from qfold.pipeline import QualityGateError, run_ptq
+
+    spec = load_build_spec(path)
+    model, cx, ex, ey = _inputs(spec)
+    out = spec.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.toml", cfgmod.to_toml(spec.config))
+    failure: QualityGateError | None = None
+    try:
+        res = run_ptq(model, cx, ex, ey, config=spec.config, out_dir=out)
+        accuracy = res.accuracy
+    except QualityGateError as exc:
+        failure, accuracy = exc, exc.report
+    drop = accuracy.drop_pp("engine") if accuracy is not None else None
+    budget = spec.config.eval.max_drop_pp
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json" and not p.name.startswith("."))
+    manifest = {
+        "schema": 1,
+        "artifacts": {str(p.relative_to(out)): sha256_file(p) for p in files},
+        "versions": versions(),
+        "config": spec.config.to_dict(),
+        "model": spec.model,
+        "data": spec.data,
+        "accuracy": {
+            "engine_top1_drop_pp": drop,
+            "budget_pp": budget,
+            "exceeded_by_pp": None if failure is None else drop - budget,
+        },
+    }
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    if failure is not None:
+        raise failure
+    return manifest
