@@ -37,7 +37,7 @@ def _add_option_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-reparam", action="store_true", help="skip RepVGG-style branch merging")
     g.add_argument("--strict-fold", action="store_true", help="fail when a BatchNorm cannot be folded")
     g.add_argument("--bound-mode", choices=cfgmod.BOUND_MODES, help="ReLU->ReLU6: preserve (default), swap, off")
-    g.add_argument("--method", choices=cfgmod.CALIB_METHODS, help="activation calibration method (default: entropy)")
+    g.add_argument("--method", choices=cfgmod.CALIB_METHODS, help="activation calibration method (default: max; see README)")
     g.add_argument("--percentile", type=float, help="percentile for --method percentile (default 99.99)")
     g.add_argument("--keep-float", action="append", default=None, metavar="PATTERN",
                    help="keep matching layers in float: glob on the name, 're:<regex>' or 'type:<Class>' (repeatable)")

@@ -229,8 +229,9 @@ def build_engine_stage(onnx_path: Path, out: Path, config: PTQConfig, calib_x: t
     """Build and load the engine with the configured backend.
 
     For ONNX Runtime, the tensors its int8 rendering quantizes beyond the TensorRT profile (conv
-    outputs on residual branches) are calibrated on ``calib_x`` with the configured method; without
-    calibration data those layers stay in float.
+    outputs on residual branches) are calibrated on ``calib_x`` with ``max``: TensorRT keeps them
+    in float, so the rendering should clip nothing there. Without calibration data those layers
+    stay in float.
     """
     from qfold.engine import get_backend
     from qfold.engine.base import EngineConfig
@@ -245,8 +246,7 @@ def build_engine_stage(onnx_path: Path, out: Path, config: PTQConfig, calib_x: t
 
         qdq = onnx.load(str(onnx_path))
         data = (b.numpy() for b in batches(calib_x, config.calib.batch_size))
-        method = calib.CalibMethod(config.calib.method, percentile=config.calib.percentile)
-        extra = ort_calibrate(qdq, tensors_needing_amax_for_ort(qdq), data, method, num_bins=config.calib.num_bins)
+        extra = ort_calibrate(qdq, tensors_needing_amax_for_ort(qdq), data, "max", num_bins=config.calib.num_bins)
         backend.build(onnx_path, engine_path, ecfg, extra_amax=extra)
     else:
         backend.build(onnx_path, engine_path, ecfg)

@@ -299,6 +299,34 @@ def modelopt(method: str) -> Callable[[str, Split, Split, BenchEnv], dict]:
     return run
 
 
+def qfold_ptq(method: str) -> Callable[[str, Split, Split, BenchEnv], dict]:
+    """qfold itself: fold, bound (preserve), calibrate (``method``), TensorRT-profile export, ORT rendering.
+
+    The timed part is everything from the FP32 model to the built engine file, as for the peers.
+    """
+
+    def run(model_name: str, calib: Split, test: Split, env: BenchEnv) -> dict:
+        import torch
+
+        from qfold import pipeline as pl
+        from qfold.config import PTQConfig
+        from qfold.examples import load_model
+
+        cfg = PTQConfig(progress=False).replace(calib={"method": method})
+        model, cx = load_model(model_name), torch.from_numpy(calib.x)
+        out = env.workdir / f"{model_name}.qfold-{method}"
+        out.mkdir(parents=True, exist_ok=True)
+        with CalibMeter() as meter:
+            folded, _ = pl.fold_stage(model, cfg)
+            bounded, _ = pl.bound_stage(folded, cx, cfg)
+            fq, _, _ = pl.calibrate_stage(bounded, cx, cfg)
+            onnx_path, _ = pl.export_stage(fq, cx[:1], out, cfg)
+            engine = pl.build_engine_stage(onnx_path, out, cfg, cx)
+        return {**meter.as_dict(), **evaluate_onnx(model_name, out / Path(engine.info.engine_path).name, test, env)}
+
+    return run
+
+
 TOOLS: dict[str, Callable[[str, Split, Split, BenchEnv], dict]] = {
     "ort-minmax": ort_static("MinMax"),
     "ort-entropy": ort_static("Entropy"),
@@ -306,6 +334,10 @@ TOOLS: dict[str, Callable[[str, Split, Split, BenchEnv], dict]] = {
     "torchao-x86": torchao_x86,
     "modelopt-max": modelopt("max"),
     "modelopt-entropy": modelopt("entropy"),
+    "qfold-max": qfold_ptq("max"),
+    "qfold-percentile": qfold_ptq("percentile"),
+    "qfold-mse": qfold_ptq("mse"),
+    "qfold-entropy": qfold_ptq("entropy"),
 }
 
 
