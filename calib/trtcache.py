@@ -38,7 +38,11 @@ class TrtCacheHeader:
 
 
 def scale_to_hex(scale: float) -> str:
-    """Big-endian float32 bits of ``scale`` as 8 lowercase hex digits (``1/127`` -> ``3c010204``)."""
+    """Big-endian float32 bits of ``scale`` as 8 lowercase hex digits.
+
+    >>> scale_to_hex(1 / 127)
+    '3c010204'
+    """
     try:
         bits = struct.pack(">f", scale)
     except OverflowError:

@@ -113,7 +113,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     model, calib_x, _, _ = _load(args)
-    folded, reports = fold_stage(model, cfg)
+    folded, reports = fold_stage(model, cfg, calib_x[:2])
     out = Path(args.out)
     for name, rep in reports.items():
         print(rep)
@@ -127,7 +127,7 @@ def cmd_bound(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     model, calib_x, _, _ = _load(args)
-    folded, _ = fold_stage(model, cfg)
+    folded, _ = fold_stage(model, cfg, calib_x[:2])
     bounded, report = bound_stage(folded, calib_x, cfg)
     out = Path(args.out)
     if report is not None:
@@ -149,7 +149,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     model, calib_x, _, _ = _load(args)
-    folded, _ = pl.fold_stage(model, cfg)
+    folded, _ = pl.fold_stage(model, cfg, calib_x[:2])
     bounded, _ = pl.bound_stage(folded, calib_x, cfg)
     fq, plan, cres = pl.calibrate_stage(bounded, calib_x, cfg)
     amax = {k: float(q.amax) for k, q in pl.act_quantizers(fq).items()}
@@ -166,7 +166,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     model, calib_x, _, _ = _load(args)
-    folded, _ = pl.fold_stage(model, cfg)
+    folded, _ = pl.fold_stage(model, cfg, calib_x[:2])
     bounded, _ = pl.bound_stage(folded, calib_x, cfg)
     fq, _, _ = pl.calibrate_stage(bounded, calib_x, cfg)
     path, violations = pl.export_stage(fq, calib_x[:1], Path(args.out), cfg)

@@ -34,6 +34,10 @@ def bn_affine(
     """Return ``(a, c)`` in float64 such that ``bn(x) = a * x + c`` per channel.
 
     ``gamma``/``beta`` may be None (``affine=False``), meaning 1 and 0.
+
+    >>> a, c = bn_affine(torch.tensor([1.0]), torch.tensor([4.0]), 0.0, torch.tensor([2.0]), torch.tensor([3.0]))
+    >>> a.item(), c.item()   # 2 / sqrt(4) = 1; 3 - 1 * 1 = 2
+    (1.0, 2.0)
     """
     mean = mean.detach().to(torch.float64)
     var = var.detach().to(torch.float64)

@@ -61,15 +61,19 @@ def _check_inputs(model: nn.Module, calib_x: torch.Tensor) -> None:
         raise ValueError(f"calibration data contains NaN/Inf (first at sample {bad}); clean the data before calibrating")
 
 
-def fold_stage(model: nn.Module, config: PTQConfig) -> tuple[nn.Module, dict[str, Any]]:
-    """Re-parameterize branches (optional), then fold BatchNorm. Returns the model and the reports."""
+def fold_stage(model: nn.Module, config: PTQConfig, example: torch.Tensor | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Re-parameterize branches (optional), then fold BatchNorm. Returns the model and the reports.
+
+    ``example`` (a small input batch) lets the fold measure tensor ranks, so a ``Linear ->
+    BatchNorm1d`` on a 3-D input is checked rather than assumed 2-D.
+    """
     from qfold.fold import fold_batchnorm
     from qfold.reparam import reparameterize
 
     reports: dict[str, Any] = {}
     if config.fold.reparameterize:
         model, reports["reparam"] = reparameterize(model)
-    folded, reports["fold"] = fold_batchnorm(model, strict=config.fold.strict)
+    folded, reports["fold"] = fold_batchnorm(model, strict=config.fold.strict, example_inputs=example)
     return folded, reports
 
 
@@ -187,7 +191,7 @@ def run_ptq(
         calib_x = calib_x[: config.calib.max_samples]
     eval_x = calib_x if eval_x is None else eval_x
 
-    folded, reports = fold_stage(model, config)
+    folded, reports = fold_stage(model, config, calib_x[:2])
     bounded, reports["bound"] = bound_stage(folded, calib_x, config)
     fq, plan, cres = calibrate_stage(bounded, calib_x, config)
     amax = {k: float(q.amax) for k, q in act_quantizers(fq).items()}
