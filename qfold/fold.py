@@ -14,31 +14,28 @@ one into an adjacent layer when the result is exactly the same function:
 Everything else is left in place and the :class:`~qfold.fold_report.FoldReport` says why. The
 arithmetic is :mod:`qfold.fold_math` (float64, cast back to the layer's dtype). A model fx cannot
 trace is folded piece by piece: the failing submodule becomes a leaf and is folded on its own.
+
+What counts as a BatchNorm, and where one is called, is :mod:`qfold.fold_sites`.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 from collections import Counter
 from collections.abc import Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from qfold.fold_math import bn_affine, fold_affine_after, fold_affine_before
 from qfold.fold_report import FoldEntry, FoldReport
+from qfold.fold_sites import FoldError, _bn_like, _Site, _site, _Stats
 from qfold.graph import UntraceableModelError, set_module, trace
 
 __all__ = ["FoldEntry", "FoldError", "FoldReport", "fold_batchnorm"]
-
-
-class FoldError(ValueError):
-    """The model cannot be folded as asked; the message names the module and the fix."""
 
 
 # Pattern tables. BN after a layer: the weight axis that indexes output channels.
@@ -49,32 +46,7 @@ _AFTER_AXIS: dict[type[nn.Module], int] = {
 }  # fmt: skip
 # BN before a layer: exact only when the layer never sees padding (checked separately for convs).
 _BEFORE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
-_FROZEN_ATTRS = ("weight", "bias", "running_mean", "running_var")
-_BATCH_NORM_SIG = inspect.signature(F.batch_norm)
 _NOTE_2D = "assumed a 2-D (N, features) input; pass example_inputs to check"
-
-
-@dataclasses.dataclass(frozen=True)
-class _Stats:
-    mean: torch.Tensor
-    var: torch.Tensor
-    eps: float
-    gamma: torch.Tensor | None
-    beta: torch.Tensor | None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Site:
-    """One BatchNorm call in the graph: its node, its input and (if usable) its statistics."""
-
-    node: fx.Node
-    name: str
-    kind: str
-    x: fx.Node
-    stats: _Stats | None
-    why_not: str = ""  # set when stats is None
-    owner: str = ""  # the module that holds the BN's statistics, deleted once unused
 
 
 def fold_batchnorm(
@@ -129,43 +101,6 @@ def _check_model(model: nn.Module) -> None:
                 "run one forward pass on a sample input before fold_batchnorm(model)."
             )
 
-
-def _frozen_stats(m: nn.Module) -> _Stats | None:
-    """Statistics of a module that looks like a frozen BatchNorm (by structure), else None."""
-    if isinstance(m, _BatchNorm) or any(True for _ in m.children()):
-        return None
-    ts = [getattr(m, a, None) for a in _FROZEN_ATTRS]
-    eps = getattr(m, "eps", None)
-    if not all(isinstance(t, torch.Tensor) and t.ndim == 1 and t.is_floating_point() for t in ts):
-        return None
-    if len({t.numel() for t in ts}) != 1 or isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        return None
-    return _Stats(ts[2], ts[3], float(eps), ts[0], ts[1])
-
-
-def _behaves_like_bn(m: nn.Module, st: _Stats) -> bool:
-    """True when ``m`` computes ``gamma * (x - mean) / sqrt(var + eps) + beta`` on a probe input."""
-    probe = copy.deepcopy(m)  # in its own mode: a BN that uses batch statistics in training is no frozen BN
-    n = st.mean.numel()
-    a, c = bn_affine(st.mean, st.var, st.eps, st.gamma, st.beta)
-    tol = 1e-4 if st.mean.dtype in (torch.float32, torch.float64) else 3e-2
-    gen = torch.Generator().manual_seed(0)
-    for shape in [(2, n, 3, 3), (2, n, 4), (2, n), (2, n, 2, 2, 2)]:
-        x = torch.randn(shape, generator=gen).to(st.mean.dtype).to(st.mean.device)
-        try:
-            with torch.no_grad():
-                y = probe(x)
-        except (RuntimeError, ValueError, TypeError, IndexError):  # wrong probe shape for this module: try the next
-            continue
-        view = [1, n] + [1] * (len(shape) - 2)
-        ref = x.double() * a.view(view) + c.view(view)
-        if isinstance(y, torch.Tensor) and y.shape == ref.shape:
-            return bool((y.double() - ref).abs().max() <= tol * max(1.0, ref.abs().max().item()))
-    return False
-
-
-def _bn_like(m: nn.Module) -> bool:
-    return isinstance(m, _BatchNorm) or (_frozen_stats(m) is not None and _behaves_like_bn(m, _frozen_stats(m)))
 
 
 # ----------------------------------------------------------------------------- tracing
@@ -274,65 +209,6 @@ def _fold_graph(
             e = dataclasses.replace(e, bn=f"{e.bn} (call {calls_so_far[e.bn]})")
         keyed.append(((order[n],), e))
     return keyed
-
-
-def _site(gm: fx.GraphModule, node: fx.Node, prefix: str, frozen: set[str]) -> _Site | None:
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        name = f"{prefix}{node.target}"
-        if not node.args and not node.kwargs:
-            return None
-        x = node.args[0] if node.args else next(iter(node.kwargs.values()))
-        if isinstance(m, _BatchNorm) and type(m).forward in _BN_FORWARDS:
-            if m.training:  # the model was checked, but a GraphModule can be switched back
-                raise FoldError(f"BatchNorm '{name}' is in training mode; call model.eval() before fold_batchnorm(model).")
-            if m.running_mean is None or m.running_var is None:
-                return _Site(node, name, type(m).__name__, x, None, _NO_STATS)
-            st = _Stats(m.running_mean, m.running_var, m.eps, m.weight, m.bias)
-            return _Site(node, name, type(m).__name__, x, st, owner=node.target)
-        if node.target in frozen:
-            return _Site(node, name, type(m).__name__, x, _frozen_stats(m), owner=node.target)
-        return None
-    if node.op == "call_function" and node.target is F.batch_norm:
-        return _functional_site(gm, node, prefix)
-    return None
-
-
-_NO_STATS = "it has no running statistics (track_running_stats=False), so it normalises with batch statistics at inference"
-
-
-def _functional_site(gm: fx.GraphModule, node: fx.Node, prefix: str) -> _Site:
-    args = _BATCH_NORM_SIG.bind(*node.args, **node.kwargs)
-    args.apply_defaults()
-    a = args.arguments
-    rm = a["running_mean"]
-    owner = rm.target.rpartition(".")[0] if isinstance(rm, fx.Node) and rm.op == "get_attr" else ""
-    name = f"{prefix}{owner}" if owner else f"{prefix}{node.name}"
-    if a["training"] is True:
-        raise FoldError(
-            f"F.batch_norm in '{name}' runs with training=True: folding uses running statistics, which only "
-            "eval mode applies. Call model.eval() (and pass training=self.training) before fold_batchnorm(model)."
-        )
-    tensors = {}
-    for key in ("running_mean", "running_var", "weight", "bias"):
-        v = a[key]
-        if isinstance(v, fx.Node) and v.op == "get_attr":
-            tensors[key] = _fetch(gm, v.target)
-        elif v is None and key in ("weight", "bias"):
-            tensors[key] = None
-        elif v is None:
-            return _Site(node, name, "F.batch_norm", a["input"], None, _NO_STATS)
-        else:
-            return _Site(node, name, "F.batch_norm", a["input"], None, f"its {key} is computed in forward, not a module attribute")
-    if not isinstance(a["training"], bool) or not isinstance(a["eps"], (int, float)):
-        return _Site(node, name, "F.batch_norm", a["input"], None, "its training flag or eps is computed in forward")
-    st = _Stats(tensors["running_mean"], tensors["running_var"], float(a["eps"]), tensors["weight"], tensors["bias"])
-    return _Site(node, name, "F.batch_norm", a["input"], st, owner=owner)
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    owner, _, attr = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
 def _describe(node: fx.Node) -> str:

@@ -1,104 +1,55 @@
 #!/usr/bin/env python3
-"""One short check of the TensorRT backend on a GPU machine; prints JSON, then a markdown table.
+"""One short check of the TensorRT backend on a GPU machine: the real PTQ pipeline, then TensorRT.
 
-    python tools/trt_check.py                     # built-in digits CNN (trained for a few seconds)
+    python tools/trt_check.py                     # qfold's PTQ pipeline on the built-in resnet example
+    python tools/trt_check.py --model densenet    # another built-in example (resnet, mobilenetv2, densenet)
     python tools/trt_check.py --onnx m.qdq.onnx   # any Q/DQ ONNX with one input, dynamic batch
-                                                  # (e.g. the example's, from `qfold ptq --example`)
 
 What it does:
-  1. gets a Q/DQ ONNX: the built-in model (a small CNN trained on sklearn's digits, max-calibrated,
-     exported with torch fake-quant ops, so torch's fake-quant forward is a reference), or --onnx;
-  2. references on CPU: ONNX Runtime with graph optimizations off (Q/DQ executed literally: the
-     fake-quant arithmetic) and ONNX Runtime with its int8 kernels;
-  3. with TensorRT: builds three engines (INT8 with FP32 fallback, INT8 with FP16 fallback, and
-     FP16 without Q/DQ), compares their outputs with the references, prints the per-engine layer
-     precisions and median latency per batch.
-Without TensorRT (or CUDA) it prints "TensorRT not installed", the CPU part, and exits 0.
+  1. gets a Q/DQ ONNX: by default ``qfold.pipeline.run_ptq`` on a built-in example model (fold,
+     bound, calibrate on the fixed 512-image calibration split, export ``model_qdq.onnx``, the
+     TensorRT-profile Q/DQ ONNX, and build the ONNX Runtime engine), evaluated on the fixed
+     1,000-image test split; or --onnx (random inputs, no torch reference);
+  2. CPU half: ONNX Runtime on model_qdq.onnx with graph optimizations off (Q/DQ executed
+     literally), with its int8 kernels, on the FP16-fallback conversion TensorRT parses, and the
+     pipeline's own ONNX Runtime engine, each compared with the torch fake-quant model (max abs
+     difference in output quantization steps, step = max|reference| / 127, top-1 agreement);
+  3. with TensorRT and CUDA: builds engines from model_qdq.onnx (INT8 with FP32 fallback, INT8 with
+     FP16 fallback via ``EngineConfig(fp16_fallback=True)``, and FP16 without Q/DQ as the speed
+     baseline), compares their outputs with ONNX Runtime and the fake-quant model, prints each
+     engine's layer precisions (INT8 layer count, float layers) and median latency per batch.
+Human-readable lines go to stderr, one JSON summary to stdout. Without TensorRT (or CUDA) it prints
+"TensorRT not installed", the CPU half, and exits 0. The exit status is 1 when an engine fails to build.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 from onnx import numpy_helper
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calib.spec import scale_from_amax
+from qfold.config import PTQConfig
+from qfold.engine import get_backend
 from qfold.engine import trt as T
 from qfold.engine.base import EngineConfig
+from qfold.examples import MODELS, load_data, load_model
 from qfold.fp16 import convert_float_to_fp16
+from qfold.pipeline import run_ptq
 
 
-class DigitsNet(nn.Module):
-    """Conv-ReLU6 x2 -> GAP -> Linear; with ``amax`` set, TensorRT-style fake-quant (per-tensor acts, per-channel weights)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1, self.c2, self.fc = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.Linear(32, 10)
-        self.amax: dict[str, float] | None = None
-        self.seen: dict[str, float] = {}
-
-    def _q(self, x: torch.Tensor, key: str) -> torch.Tensor:
-        if self.amax is None:
-            self.seen[key] = max(self.seen.get(key, 0.0), float(x.detach().abs().max()))
-            return x
-        return torch.fake_quantize_per_tensor_affine(x, float(scale_from_amax(self.amax[key])), 0, -128, 127)
-
-    def _w(self, w: torch.Tensor) -> torch.Tensor:
-        if self.amax is None:
-            return w
-        s = torch.from_numpy(scale_from_amax(w.detach().abs().flatten(1).amax(1).numpy()))
-        return torch.fake_quantize_per_channel_affine(w, s, torch.zeros(w.shape[0], dtype=torch.int32), 0, -128, 127)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(F.conv2d(self._q(x, "x"), self._w(self.c1.weight), self.c1.bias, padding=1))
-        x = F.relu6(F.conv2d(self._q(x, "a1"), self._w(self.c2.weight), self.c2.bias, stride=2, padding=1))
-        return F.linear(self._q(x.mean((2, 3)), "gap"), self._w(self.fc.weight), self.fc.bias)
-
-
-def builtin_model(onnx_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Train, calibrate and export the built-in model; returns (x_eval, labels, fake-quant logits)."""
-    from sklearn.datasets import load_digits
-
-    torch.manual_seed(0)
-    d = load_digits()
-    x = torch.from_numpy((d.images.astype(np.float32) / 16.0)[:, None])
-    y = torch.from_numpy(d.target.astype(np.int64))
-    net = DigitsNet()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for step in range(400):
-        idx = torch.randint(0, 1400, (64,))
-        loss = F.cross_entropy(net(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
-    with torch.no_grad():
-        net.seen = {}
-        net(x[:512])  # calibration: max of |activation| over 512 training images
-        net.amax = dict(net.seen)
-        fq = net(x[1400:]).numpy()
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (x[:2],), buf, dynamo=False, opset_version=17, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
-    onnx_path.write_bytes(buf.getvalue())
-    return x[1400:].numpy(), y[1400:].numpy(), fq
+def log(msg: str = "") -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def strip_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -156,10 +107,13 @@ def ort_run(path: Path, x: np.ndarray, *, literal: bool) -> np.ndarray:
 
 
 def compare(y: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
+    """Max abs difference (absolute and in output steps of ``ref``), top-1 agreement, accuracy."""
+    step = float(np.abs(ref).max()) / 127 or 1e-12
+    diff = float(np.abs(y.astype(np.float64) - ref).max())
     out = {
-        "max_abs_diff": float(np.abs(y - ref).max()),
-        "rel_max_diff": float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-12)),
-        "argmax_agreement": float((y.argmax(-1) == ref.argmax(-1)).mean()) if y.ndim == 2 else float("nan"),
+        "max_abs_diff": diff,
+        "max_diff_steps": diff / step,
+        "top1_agreement": float((y.argmax(-1) == ref.argmax(-1)).mean()) if y.ndim == 2 else float("nan"),
     }
     if labels is not None:
         out["accuracy"] = float((y.argmax(-1) == labels).mean())
@@ -182,99 +136,144 @@ def time_engine(engine: T.TensorRTEngine, shape: tuple[int, ...], iters: int) ->
     return float(np.median(times))
 
 
-def print_cpu_table(cpu: dict) -> None:
-    print("| CPU run (ONNX Runtime) | vs | max abs diff | max diff / output range | argmax agreement | accuracy |",
-          file=sys.stderr)
-    print("|---|---|---|---|---|---|", file=sys.stderr)
-    for name, refs in cpu.items():
+def print_table(title: str, rows: dict[str, dict[str, dict[str, float]]]) -> None:
+    log(f"| {title} | vs | max abs diff | max diff (output steps) | top-1 agreement | accuracy |")
+    log("|---|---|---|---|---|---|")
+    for name, refs in rows.items():
         for ref, v in refs.items():
             acc = f"{v['accuracy']:.4f}" if "accuracy" in v else "-"
-            print(f"| {name} | {ref} | {v['max_abs_diff']:.4g} | {v['rel_max_diff']:.4f} | {v['argmax_agreement']:.4f} "
-                  f"| {acc} |", file=sys.stderr)
+            log(f"| {name} | {ref} | {v['max_abs_diff']:.4g} | {v['max_diff_steps']:.2f} | {v['top1_agreement']:.4f} | {acc} |")
+
+
+def pipeline_model(name: str, out: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray, Path, dict]:
+    """run_ptq on a built-in example: (model_qdq.onnx, test inputs, labels, fake-quant logits, ORT engine, info)."""
+    calib_x, _ = load_data("calib")
+    test_x, test_y = load_data("test")
+    t0 = time.perf_counter()
+    res = run_ptq(load_model(name), calib_x, test_x, test_y, config=PTQConfig(progress=False), out_dir=out)
+    ptq_s = time.perf_counter() - t0
+    fq_model = res.fake_quant.eval()
+    with torch.no_grad():
+        fq = torch.cat([fq_model(b) for b in test_x.split(256)]).numpy()
+    acc = res.accuracy
+    info = {
+        "model": f"qfold.examples '{name}' via qfold.pipeline.run_ptq ({calib_x.shape[0]} calibration, "
+                 f"{test_x.shape[0]} test images)",
+        "ptq_s": round(ptq_s, 2),
+        "pipeline_accuracy": {
+            "fp32": acc.reference.get("top1") if acc is not None else None,
+            **({k: v.top1 for k, v in acc.stages.items()} if acc is not None else {}),
+        },
+        "trt_rule_violations": res.reports.get("trt_rule_violations", []),
+    }
+    return out / "model_qdq.onnx", test_x.numpy(), test_y.numpy(), fq, res.artifacts["engine"], info
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--onnx", type=Path, help="a Q/DQ ONNX with one input whose batch is dynamic")
-    ap.add_argument("--out", type=Path, help="folder for the engines (default: a temporary folder)")
+    ap.add_argument("--onnx", type=Path, help="a Q/DQ ONNX with one input whose batch is dynamic (skips the pipeline)")
+    ap.add_argument("--model", default="resnet", choices=sorted(MODELS), help="built-in example model (default: resnet)")
+    ap.add_argument("--out", type=Path, help="folder for the pipeline artifacts and engines (default: a temporary folder)")
     ap.add_argument("--batch", type=int, default=64, help="batch for the latency measurement")
     ap.add_argument("--iters", type=int, default=100)
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    t_start = time.perf_counter()
     out = args.out or Path(tempfile.mkdtemp(prefix="qfold-trt-check-"))
     out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"torch": torch.__version__, "onnxruntime": ort.__version__, "cuda": torch.cuda.is_available()}
+    report: dict = {"torch": torch.__version__, "onnxruntime": ort.__version__, "cuda": torch.cuda.is_available(), "out": str(out)}
 
-    labels = fq = None
+    labels = fq = ort_engine_path = None
     if args.onnx:
         onnx_path = args.onnx
         shape = [d.dim_value or 1 for d in onnx.load(str(onnx_path)).graph.input[0].type.tensor_type.shape.dim]
         x = np.random.default_rng(0).uniform(-1, 1, [256, *shape[1:]]).astype(np.float32)
         report["model"] = str(onnx_path)
     else:
-        onnx_path = out / "digits.qdq.onnx"
-        x, labels, fq = builtin_model(onnx_path)
-        report["model"] = "built-in digits CNN (397 eval images)"
-    float_path = out / "float.onnx"
-    onnx.save(strip_qdq(onnx.load(str(onnx_path))), str(float_path))
-    fp16_path = out / "float.fp16.onnx"
-    onnx.save(convert_float_to_fp16(onnx.load(str(float_path))), str(fp16_path))
+        log(f"running qfold.pipeline.run_ptq on the '{args.model}' example into {out} ...")
+        onnx_path, x, labels, fq, ort_engine_path, info = pipeline_model(args.model, out)
+        report.update(info)
+        log(f"run_ptq done in {info['ptq_s']} s; pipeline top-1: {info['pipeline_accuracy']}")
+    report["onnx"] = str(onnx_path)
 
-    literal = ort_run(onnx_path, x, literal=True)
-    refs = {"ort_qdq_literal": literal}
-    if fq is not None:
-        refs["torch_fake_quant"] = fq
-    qdq16_path = out / "qdq.fp16.onnx"  # what the FP16-fallback engine parses
-    onnx.save(convert_float_to_fp16(onnx.load(str(onnx_path))), str(qdq16_path))
-    cpu = {
+    # ------------------------------------------------------------------ CPU half: ONNX Runtime
+    literal = ort_run(onnx_path, x, literal=True)  # Q/DQ executed literally: the fake-quant arithmetic
+    qdq16_path = out / "model_qdq.fp16.onnx"  # what the FP16-fallback engine parses
+    onnx.save(convert_float_to_fp16(onnx.load(str(onnx_path)), keep_io_types=True), str(qdq16_path))
+    cpu_out = {
+        "ort_qdq_literal": literal,
         "ort_int8_kernels": ort_run(onnx_path, x, literal=False),
         "ort_qdq_fp16_fallback": ort_run(qdq16_path, x, literal=True),
-        "ort_float": ort_run(float_path, x, literal=False),
     }
-    report["cpu"] = {name: {ref: compare(y, r, labels) for ref, r in refs.items()} for name, y in cpu.items()}
+    if ort_engine_path is not None:
+        cpu_out["ort_pipeline_engine"] = get_backend("onnxruntime").load(ort_engine_path, EngineConfig()).run(x)
+    refs = {"torch_fake_quant": fq} if fq is not None else {}
+    refs["ort_qdq_literal"] = literal
+    report["cpu"] = {
+        name: {ref: compare(y, r, labels) for ref, r in refs.items() if ref != name} for name, y in cpu_out.items()
+    }
+    print_table("CPU run (ONNX Runtime)", report["cpu"])
     if fq is not None:
-        report["cpu"]["ort_qdq_literal"] = {"torch_fake_quant": compare(literal, fq, labels)}
+        report["torch_fake_quant_accuracy"] = float((fq.argmax(-1) == labels).mean())
+        log(f"torch fake-quant accuracy: {report['torch_fake_quant_accuracy']:.4f}")
 
-    print_cpu_table(report["cpu"])
+    # ------------------------------------------------------------------ GPU half: TensorRT
     try:
         T.import_tensorrt()
     except T.TensorRTUnavailableError as exc:
-        print(f"TensorRT not installed (or no CUDA device): {exc}", file=sys.stderr)
+        log(f"TensorRT not installed (or no CUDA device): CPU half only, no engine built. {exc}")
         report["tensorrt"] = {"available": False, "reason": str(exc)}
+        report["wall_s"] = round(time.perf_counter() - t_start, 2)
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
 
     import tensorrt
 
     report["tensorrt"] = {"available": True, "version": tensorrt.__version__, "gpu": torch.cuda.get_device_name()}
+    float_path = out / "float.fp16.onnx"  # FP16 without Q/DQ: the speed baseline
+    onnx.save(convert_float_to_fp16(strip_qdq(onnx.load(str(onnx_path)))), str(float_path))
     cfg = EngineConfig(backend="tensorrt", batch_min=1, batch_opt=args.batch, batch_max=max(args.batch, 256))
     builds = {
         "int8_fp32_fallback": (onnx_path, cfg),
         "int8_fp16_fallback": (onnx_path, dataclasses.replace(cfg, fp16_fallback=True)),
-        "fp16_no_qdq": (fp16_path, cfg),
+        "fp16_no_qdq": (float_path, cfg),
     }
-    engines = {}
+    engines: dict[str, dict] = {}
+    failed = False
     for name, (src, c) in builds.items():
         t0 = time.perf_counter()
-        info = T.BACKEND.build(src, out / f"{name}.plan", c)
-        engine = T.BACKEND.load(out / f"{name}.plan", c)
+        try:
+            info = T.BACKEND.build(src, out / f"{name}.plan", c)
+            engine = T.BACKEND.load(out / f"{name}.plan", c)
+        except (ValueError, T.EngineBuildError) as exc:  # e.g. an unsupported fallback on this TensorRT
+            log(f"{name}: build failed: {exc}")
+            engines[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            failed = True
+            continue
         y = engine.run(x)
+        trt_refs = {**refs, "ort_int8_kernels": cpu_out["ort_int8_kernels"]}
         engines[name] = {
             "build_s": round(time.perf_counter() - t0, 2),
             "layers": info.extra["layers"],
-            "vs": {ref: compare(y, r, labels) for ref, r in refs.items()},
+            "vs": {ref: compare(y, r, labels) for ref, r in trt_refs.items()},
             "ms_per_batch": time_engine(engine, (args.batch, *x.shape[1:]), args.iters),
         }
     report["tensorrt"]["engines"] = engines
+    ok = {k: e for k, e in engines.items() if "error" not in e}
+    print_table(f"TensorRT engine ({report['tensorrt']['gpu']})", {k: e["vs"] for k, e in ok.items()})
+    log(f"\n| engine (TensorRT {tensorrt.__version__}, batch {args.batch}) | INT8 layers | float layers (FP16/FP32) | ms/batch |")
+    log("|---|---|---|---|")
+    for name, e in ok.items():
+        lp = e["layers"]
+        log(f"| {name} | {lp['int8']} | {len(lp['float_layers'])} ({lp['fp16']}/{lp['fp32']}) | {e['ms_per_batch']:.3f} |")
+    for name, e in ok.items():
+        log(f"{name} float layers: {', '.join(e['layers']['float_layers']) or '(none)'}")
+    base = ok.get("fp16_no_qdq", {}).get("ms_per_batch")
+    if base:
+        report["tensorrt"]["speedup_vs_fp16"] = {k: round(base / e["ms_per_batch"], 3) for k, e in ok.items() if k != "fp16_no_qdq"}
+        log(f"speed-up vs FP16 (no Q/DQ): {report['tensorrt']['speedup_vs_fp16']}")
+    report["wall_s"] = round(time.perf_counter() - t_start, 2)
     print(json.dumps(report, indent=2, sort_keys=True))
-    print(f"\n| engine ({report['tensorrt']['gpu']}, TensorRT {tensorrt.__version__}, batch {args.batch}) "
-          "| INT8 layers | float layers | ms/batch | max diff vs ORT Q/DQ | argmax agreement |")
-    print("|---|---|---|---|---|---|")
-    for name, e in engines.items():
-        v = e["vs"]["ort_qdq_literal"]
-        print(f"| {name} | {e['layers']['int8']} | {len(e['layers']['float_layers'])} | {e['ms_per_batch']:.3f} "
-              f"| {v['max_abs_diff']:.4g} | {v['argmax_agreement']:.4f} |")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,156 @@
+"""What counts as a BatchNorm for :func:`qfold.fold.fold_batchnorm`, and where one is called.
+
+Holds the BatchNorm-site side of the fold pass: :class:`FoldError`; the statistics of one
+BatchNorm (``_Stats``) and one BatchNorm call in an fx graph (``_Site``); the structural and
+behavioural test for "frozen" BatchNorms (``_frozen_stats``, ``_behaves_like_bn``, ``_bn_like``);
+and the classification of a graph node as a BatchNorm site, including ``F.batch_norm`` calls on
+module attributes (``_site``, ``_functional_site``). The legality rules and the surgery stay in
+:mod:`qfold.fold`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from qfold.fold_math import bn_affine
+
+__all__ = ["FoldError"]
+
+
+class FoldError(ValueError):
+    """The model cannot be folded as asked; the message names the module and the fix."""
+
+    __module__ = "qfold.fold"  # defined here to avoid an import cycle; public home is qfold.fold
+
+
+_BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+_FROZEN_ATTRS = ("weight", "bias", "running_mean", "running_var")
+_BATCH_NORM_SIG = inspect.signature(F.batch_norm)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stats:
+    mean: torch.Tensor
+    var: torch.Tensor
+    eps: float
+    gamma: torch.Tensor | None
+    beta: torch.Tensor | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Site:
+    """One BatchNorm call in the graph: its node, its input and (if usable) its statistics."""
+
+    node: fx.Node
+    name: str
+    kind: str
+    x: fx.Node
+    stats: _Stats | None
+    why_not: str = ""  # set when stats is None
+    owner: str = ""  # the module that holds the BN's statistics, deleted once unused
+
+
+# ----------------------------------------------------------------------------- frozen BatchNorms
+def _frozen_stats(m: nn.Module) -> _Stats | None:
+    """Statistics of a module that looks like a frozen BatchNorm (by structure), else None."""
+    if isinstance(m, _BatchNorm) or any(True for _ in m.children()):
+        return None
+    ts = [getattr(m, a, None) for a in _FROZEN_ATTRS]
+    eps = getattr(m, "eps", None)
+    if not all(isinstance(t, torch.Tensor) and t.ndim == 1 and t.is_floating_point() for t in ts):
+        return None
+    if len({t.numel() for t in ts}) != 1 or isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return None
+    return _Stats(ts[2], ts[3], float(eps), ts[0], ts[1])
+
+
+def _behaves_like_bn(m: nn.Module, st: _Stats) -> bool:
+    """True when ``m`` computes ``gamma * (x - mean) / sqrt(var + eps) + beta`` on a probe input."""
+    probe = copy.deepcopy(m)  # in its own mode: a BN that uses batch statistics in training is no frozen BN
+    n = st.mean.numel()
+    a, c = bn_affine(st.mean, st.var, st.eps, st.gamma, st.beta)
+    tol = 1e-4 if st.mean.dtype in (torch.float32, torch.float64) else 3e-2
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(2, n, 3, 3), (2, n, 4), (2, n), (2, n, 2, 2, 2)]:
+        x = torch.randn(shape, generator=gen).to(st.mean.dtype).to(st.mean.device)
+        try:
+            with torch.no_grad():
+                y = probe(x)
+        except (RuntimeError, ValueError, TypeError, IndexError):  # wrong probe shape for this module: try the next
+            continue
+        view = [1, n] + [1] * (len(shape) - 2)
+        ref = x.double() * a.view(view) + c.view(view)
+        if isinstance(y, torch.Tensor) and y.shape == ref.shape:
+            return bool((y.double() - ref).abs().max() <= tol * max(1.0, ref.abs().max().item()))
+    return False
+
+
+def _bn_like(m: nn.Module) -> bool:
+    return isinstance(m, _BatchNorm) or (_frozen_stats(m) is not None and _behaves_like_bn(m, _frozen_stats(m)))
+
+
+# ----------------------------------------------------------------------------- BatchNorm sites
+def _site(gm: fx.GraphModule, node: fx.Node, prefix: str, frozen: set[str]) -> _Site | None:
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        name = f"{prefix}{node.target}"
+        if not node.args and not node.kwargs:
+            return None
+        x = node.args[0] if node.args else next(iter(node.kwargs.values()))
+        if isinstance(m, _BatchNorm) and type(m).forward in _BN_FORWARDS:
+            if m.training:  # the model was checked, but a GraphModule can be switched back
+                raise FoldError(f"BatchNorm '{name}' is in training mode; call model.eval() before fold_batchnorm(model).")
+            if m.running_mean is None or m.running_var is None:
+                return _Site(node, name, type(m).__name__, x, None, _NO_STATS)
+            st = _Stats(m.running_mean, m.running_var, m.eps, m.weight, m.bias)
+            return _Site(node, name, type(m).__name__, x, st, owner=node.target)
+        if node.target in frozen:
+            return _Site(node, name, type(m).__name__, x, _frozen_stats(m), owner=node.target)
+        return None
+    if node.op == "call_function" and node.target is F.batch_norm:
+        return _functional_site(gm, node, prefix)
+    return None
+
+
+_NO_STATS = "it has no running statistics (track_running_stats=False), so it normalises with batch statistics at inference"
+
+
+def _functional_site(gm: fx.GraphModule, node: fx.Node, prefix: str) -> _Site:
+    args = _BATCH_NORM_SIG.bind(*node.args, **node.kwargs)
+    args.apply_defaults()
+    a = args.arguments
+    rm = a["running_mean"]
+    owner = rm.target.rpartition(".")[0] if isinstance(rm, fx.Node) and rm.op == "get_attr" else ""
+    name = f"{prefix}{owner}" if owner else f"{prefix}{node.name}"
+    if a["training"] is True:
+        raise FoldError(
+            f"F.batch_norm in '{name}' runs with training=True: folding uses running statistics, which only "
+            "eval mode applies. Call model.eval() (and pass training=self.training) before fold_batchnorm(model)."
+        )
+    tensors = {}
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        v = a[key]
+        if isinstance(v, fx.Node) and v.op == "get_attr":
+            tensors[key] = _fetch(gm, v.target)
+        elif v is None and key in ("weight", "bias"):
+            tensors[key] = None
+        elif v is None:
+            return _Site(node, name, "F.batch_norm", a["input"], None, _NO_STATS)
+        else:
+            return _Site(node, name, "F.batch_norm", a["input"], None, f"its {key} is computed in forward, not a module attribute")
+    if not isinstance(a["training"], bool) or not isinstance(a["eps"], (int, float)):
+        return _Site(node, name, "F.batch_norm", a["input"], None, "its training flag or eps is computed in forward")
+    st = _Stats(tensors["running_mean"], tensors["running_var"], float(a["eps"]), tensors["weight"], tensors["bias"])
+    return _Site(node, name, "F.batch_norm", a["input"], st, owner=owner)
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
