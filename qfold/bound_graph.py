@@ -52,6 +52,8 @@ _SHAPE_METHODS = ("size", "dim")
 class BoundError(ValueError):
     """``bound_relu`` cannot run as asked; the message names the cause and the fix."""
 
+    __module__ = "qfold.bound"  # defined here to avoid an import cycle; public home is qfold.bound
+
 
 # ---------------------------------------------------------------- graph classification
 
