@@ -79,9 +79,9 @@ class QuantPlan:
         }
 
 
-def _is_quant_layer_node(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _is_quant_layer_node(gm: fx.GraphModule, node: fx.Node, extra: tuple[type[nn.Module], ...] = ()) -> bool:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), QUANT_LAYER_TYPES)
+        return isinstance(gm.get_submodule(node.target), QUANT_LAYER_TYPES + extra)
     return node.op == "call_function" and node.target in QUANT_FUNCTIONS
 
 
@@ -95,7 +95,9 @@ def _is_cat(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in CAT_FUNCTIONS
 
 
-def match_patterns(gm: fx.GraphModule, patterns: tuple[str, ...]) -> dict[str, str]:
+def match_patterns(
+    gm: fx.GraphModule, patterns: tuple[str, ...], layer_types: tuple[type[nn.Module], ...] = ()
+) -> dict[str, str]:
     """Resolve keep-in-float patterns against the weighted layers of ``gm``.
 
     A pattern is ``type:<ClassName>``, ``re:<regex>`` (full match on the qualified name), or a
@@ -104,7 +106,7 @@ def match_patterns(gm: fx.GraphModule, patterns: tuple[str, ...]) -> dict[str, s
     Raises:
         ValueError: a pattern matches no weighted layer (it names the pattern and the layers).
     """
-    names = [n.target for n in gm.graph.nodes if n.op == "call_module" and _is_quant_layer_node(gm, n)]
+    names = [n.target for n in gm.graph.nodes if n.op == "call_module" and _is_quant_layer_node(gm, n, layer_types)]
     matched: dict[str, str] = {}
     for pat in patterns:
         if pat.startswith("type:"):
@@ -138,15 +140,19 @@ def _fusable_branch(gm: fx.GraphModule, node: fx.Node, quantized: set[str]) -> b
     return node.op == "call_module" and node.target in quantized and len(node.users) == 1
 
 
-def plan_quantization(gm: fx.GraphModule, keep_float: tuple[str, ...] = ()) -> QuantPlan:
+def plan_quantization(
+    gm: fx.GraphModule, keep_float: tuple[str, ...] = (), *, layer_types: tuple[type[nn.Module], ...] = ()
+) -> QuantPlan:
     """Decide the Q/DQ placement for a folded, traced model.
 
     Args:
         gm: the traced model (after fold and bound).
         keep_float: patterns of layers to keep in float (see :func:`match_patterns`).
+        layer_types: extra module types treated as weighted layers (quantized input, per-channel
+            weight on ``weight_axis``), e.g. QAT's Conv+BN module whose fold is simulated.
     """
     plan = QuantPlan()
-    floats = match_patterns(gm, keep_float)
+    floats = match_patterns(gm, keep_float, layer_types)
     plan.float_layers = {n: f"matches {p!r}" for n, p in floats.items()}
     consumers: dict[str, list[str]] = {}
     roles: dict[str, str] = {}
@@ -160,7 +166,7 @@ def plan_quantization(gm: fx.GraphModule, keep_float: tuple[str, ...] = ()) -> Q
         roles.setdefault(src.name, role)
 
     for node in gm.graph.nodes:
-        if not _is_quant_layer_node(gm, node):
+        if not _is_quant_layer_node(gm, node, layer_types):
             continue
         if node.op == "call_module":
             if node.target in floats:

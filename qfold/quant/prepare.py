@@ -8,6 +8,7 @@ state in which calibration observes them.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch.fx as fx
 import torch.nn as nn
@@ -24,15 +25,30 @@ def quantizer_name(key: str) -> str:
     return f"{PREFIX}.{key}"
 
 
-def prepare_fake_quant(gm: fx.GraphModule, plan: QuantPlan) -> fx.GraphModule:
+def prepare_fake_quant(
+    gm: fx.GraphModule,
+    plan: QuantPlan,
+    *,
+    wrap: Callable[[nn.Module], nn.Module] = QuantLayer,
+    inplace: bool = False,
+) -> fx.GraphModule:
     """Return a new GraphModule with the plan's quantizers inserted (``gm`` is not modified).
+
+    Args:
+        gm: the traced (folded) model.
+        plan: from :func:`qfold.quant.plan_quantization` on ``gm``.
+        wrap: builds the weight-quantizing module of each planned layer (QAT passes its own
+            :class:`QuantLayer` subclasses).
+        inplace: rewrite ``gm`` itself instead of a deep copy, so its layers (and their
+            Parameters) stay the same objects (QAT: an optimizer built before keeps working).
 
     Raises:
         ValueError: the model was already prepared, or the plan names nodes the graph lacks.
     """
     if any(isinstance(m, (ActQuant, QuantLayer)) for m in gm.modules()):
         raise ValueError("this model already carries qfold quantizers; prepare the float model, not a prepared one")
-    gm = copy.deepcopy(gm)
+    if not inplace:
+        gm = copy.deepcopy(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     missing = [k for k, p in plan.points.items() if k not in nodes or any(c not in nodes for c in p.consumers)]
     missing += [name for name in plan.layers if name not in dict(gm.named_modules())]
@@ -49,7 +65,7 @@ def prepare_fake_quant(gm: fx.GraphModule, plan: QuantPlan) -> fx.GraphModule:
         for consumer in point.consumers:
             nodes[consumer].replace_input_with(src, q)
     for name in plan.layers:
-        set_module(gm, name, QuantLayer(gm.get_submodule(name)))
+        set_module(gm, name, wrap(gm.get_submodule(name)))
     gm.graph.lint()
     gm.recompile()
     return gm
