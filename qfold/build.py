@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import tomllib
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -43,12 +42,7 @@ class BuildSpec:
 def load_build_spec(path: str | Path) -> BuildSpec:
     """Parse a build TOML; unknown sections and keys are errors (they would silently do nothing)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"build file {path} does not exist")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"build file {path} is not valid TOML: {exc}") from exc
+    data = cfgmod.read_toml(path, "build file")
     own = {k: data.pop(k, {}) for k in SECTIONS_OWN}
     if not own["model"]:
         raise ValueError(f"build file {path} has no [model] section (example = \"resnet\" or factory = \"pkg.mod:fn\")")

@@ -144,14 +144,22 @@ def _export_float(model: torch.nn.Module, example: torch.Tensor, path: Path, cfg
     print(f"wrote {path}")
 
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
+def _calibrated(args: argparse.Namespace):
+    """Fold, bound and calibrate as the arguments say: ``(config, model, calib_x, fake-quant model, calib result)``."""
     from qfold import pipeline as pl
 
     cfg = _config(args)
     model, calib_x, _, _ = _load(args)
     folded, _ = pl.fold_stage(model, cfg, calib_x[:2])
     bounded, _ = pl.bound_stage(folded, calib_x, cfg)
-    fq, plan, cres = pl.calibrate_stage(bounded, calib_x, cfg)
+    fq, _, cres = pl.calibrate_stage(bounded, calib_x, cfg)
+    return cfg, model, calib_x, fq, cres
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from qfold import pipeline as pl
+
+    _, model, calib_x, fq, cres = _calibrated(args)
     amax = {k: float(q.amax) for k, q in pl.act_quantizers(fq).items()}
     out = Path(args.out)
     path = pl.calibration_table(fq, cres, amax, calib_x, model).save_json(out / "calibration.json")
@@ -164,11 +172,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from qfold import pipeline as pl
 
-    cfg = _config(args)
-    model, calib_x, _, _ = _load(args)
-    folded, _ = pl.fold_stage(model, cfg, calib_x[:2])
-    bounded, _ = pl.bound_stage(folded, calib_x, cfg)
-    fq, _, _ = pl.calibrate_stage(bounded, calib_x, cfg)
+    cfg, _, calib_x, fq, _ = _calibrated(args)
     path, violations = pl.export_stage(fq, calib_x[:1], Path(args.out), cfg)
     for v in violations:
         print(f"TensorRT rule: {v}", file=sys.stderr)

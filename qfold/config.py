@@ -150,16 +150,20 @@ def from_dict(data: dict[str, Any]) -> PTQConfig:
     return PTQConfig(**kwargs)
 
 
-def load_config(path: str | Path) -> PTQConfig:
-    """Read a TOML configuration (missing sections and keys take their defaults)."""
+def read_toml(path: str | Path, what: str = "configuration file") -> dict[str, Any]:
+    """Parse a TOML file; a missing file or bad syntax raises an error naming ``what`` and the path."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"configuration file {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"configuration file {path} is not valid TOML: {exc}") from exc
-    return from_dict(data)
+        raise ValueError(f"{what} {path} is not valid TOML: {exc}") from exc
+
+
+def load_config(path: str | Path) -> PTQConfig:
+    """Read a TOML configuration (missing sections and keys take their defaults)."""
+    return from_dict(read_toml(path))
 
 
 def to_toml(config: PTQConfig) -> str:
