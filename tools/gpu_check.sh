@@ -11,7 +11,7 @@ python3 -c "import tensorrt as t; print('tensorrt', t.__version__)" 2>&1 | tail 
 echo "== CUDA and TensorRT tests"
 python3 -m pytest -q -rs -p no:cacheprovider -m "cuda or tensorrt" tests 2>&1 | tee "$out/cuda_tests.log" | tail -15
 echo "== whole suite"
-python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$out/all_tests.log" | tail -8
+python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/all_tests.log" | tail -8
 echo "== TensorRT check"
 python3 tools/trt_check.py --out "$out/trt" > "$out/trt_check.json" 2> "$out/trt_check.err"; echo "trt_check rc=$?"
 tail -5 "$out/trt_check.err"

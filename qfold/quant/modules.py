@@ -30,11 +30,11 @@ class ActQuant(nn.Module):
     calibration observes its input. ``amax`` and ``enabled`` are buffers.
     """
 
-    def __init__(self, amax: float = 0.0) -> None:
+    def __init__(self, amax: float = 0.0, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.register_buffer("amax", torch.tensor(float(amax), dtype=torch.float32))
-        self.register_buffer("enabled", torch.tensor(False))
-        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32), persistent=False)
+        self.register_buffer("amax", torch.tensor(float(amax), dtype=torch.float32, device=device))
+        self.register_buffer("enabled", torch.tensor(False, device=device))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32, device=device), persistent=False)
 
     def set_amax(self, amax: float) -> None:
         """Set the clipping threshold and enable quantization."""
@@ -70,9 +70,10 @@ class QuantLayer(nn.Module):
             raise TypeError(f"QuantLayer wraps Conv*/ConvTranspose*/Linear, got {type(layer).__name__}")
         self.layer = layer
         self.axis = weight_axis(layer)
-        self.register_buffer("weight_amax", torch.zeros(layer.weight.shape[self.axis]))
-        self.register_buffer("enabled", torch.tensor(True))
-        self.register_buffer("zero_point", torch.zeros(layer.weight.shape[self.axis], dtype=torch.int32), persistent=False)
+        dev, n = layer.weight.device, layer.weight.shape[self.axis]
+        self.register_buffer("weight_amax", torch.zeros(n, device=dev))
+        self.register_buffer("enabled", torch.tensor(True, device=dev))
+        self.register_buffer("zero_point", torch.zeros(n, dtype=torch.int32, device=dev), persistent=False)
         self.refresh_weight_amax()
 
     @torch.no_grad()

@@ -57,9 +57,10 @@ def prepare_fake_quant(
 
     container = nn.Module()
     gm.add_module(PREFIX, container)
+    device = next((p.device for p in gm.parameters()), None)  # quantizers live where the model lives
     for key, point in sorted(plan.points.items()):
         src = nodes[key]
-        container.add_module(key, ActQuant())
+        container.add_module(key, ActQuant(device=device))
         with gm.graph.inserting_after(src):
             q = gm.graph.call_module(quantizer_name(key), (src,))
         for consumer in point.consumers:

@@ -14,6 +14,15 @@ from qfold.quant.prepare import act_quantizers
 pytestmark = pytest.mark.cuda
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """Ampere+ GPUs run fp32 convs in TF32 by default (10-bit mantissa); compare in true fp32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def test_fold_on_cuda_matches_cpu():
     model = load_model("densenet")
     x, _ = load_data("calib")
