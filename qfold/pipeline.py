@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import calib
-from calib.atomic import atomic_write_bytes, atomic_write_text
+from calib.atomic import atomic_write_text
 from qfold import evaluate as ev
 from qfold.config import PTQConfig
 from qfold.graph import is_eval, trace
@@ -151,16 +151,10 @@ def calibration_table(fq: fx.GraphModule, result: calib.CalibResult, amax: dict[
 def export_stage(fq: fx.GraphModule, example: torch.Tensor, out_dir: Path, config: PTQConfig) -> tuple[Path, list]:
     """Export the fake-quant model to a TensorRT-profile Q/DQ ONNX; returns its path and rule violations."""
     from qfold.export import ExportConfig, export_onnx
-    from qfold.onnx_qdq import check_trt_rules, normalize_qdq
+    from qfold.onnx_qdq import check_trt_rules
 
-    raw = out_dir / "model_fakequant_raw.onnx"
-    export_onnx(fq, example, raw, ExportConfig(opset=config.export.opset, exporter=config.export.exporter))
-    model = normalize_qdq(onnx.load(str(raw)))
-    raw.unlink()
-    onnx.checker.check_model(model)
-    path = out_dir / "model_qdq.onnx"
-    atomic_write_bytes(path, model.SerializeToString(deterministic=True))
-    return path, check_trt_rules(model)
+    path = export_onnx(fq, example, out_dir / "model_qdq.onnx", ExportConfig(opset=config.export.opset, exporter=config.export.exporter))
+    return path, check_trt_rules(onnx.load(str(path)))
 
 
 def run_ptq(
@@ -202,13 +196,15 @@ def run_ptq(
     onnx_path, violations = export_stage(fq, calib_x[:1], out, config)
     res.artifacts["onnx"] = onnx_path
     res.reports["trt_rule_violations"] = [str(v) for v in violations]
+    from qfold.export import precision_map_path
     from qfold.onnx_qdq import activation_scales, precision_map
 
     qdq_model = onnx.load(str(onnx_path))
     algo = {"entropy": "EntropyCalibration2"}.get(config.calib.method, "MinMaxCalibration")
     res.artifacts["trt_cache"] = calib.write_trt_cache(out / "calibration.trtcache", activation_scales(qdq_model), algorithm=algo)
     precision = {"layers": plan.precision_map(), "onnx_nodes": precision_map(qdq_model)}
-    res.artifacts["precision_map"] = atomic_write_text(out / "precision_map.json", json.dumps(precision, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(precision, indent=2, sort_keys=True) + "\n"  # supersedes the export's node-only map
+    res.artifacts["precision_map"] = atomic_write_text(precision_map_path(onnx_path), text)
 
     engine = build_engine_stage(onnx_path, out, config, calib_x)
     res.artifacts["engine"] = out / Path(engine.info.engine_path).name

@@ -33,7 +33,7 @@ def test_artifacts_are_complete_and_valid(example_run):
     res, out, _ = example_run
     names = {p.name for p in out.iterdir()}
     assert {"model_qdq.onnx", "calibration.json", "calibration.trtcache", "engine.ort.onnx", "accuracy.json",
-            "accuracy.md", "precision_map.json", "reports.json", "layer_sqnr.png", "activation_histograms.png"} <= names
+            "accuracy.md", "model_qdq.precision.json", "reports.json", "layer_sqnr.png", "activation_histograms.png"} <= names
     model = onnx.load(str(out / "model_qdq.onnx"))
     onnx.checker.check_model(model)
     ops = [n.op_type for n in model.graph.node]
