@@ -40,7 +40,13 @@ def load_model(spec: str, checkpoint: str | os.PathLike | None = None) -> nn.Mod
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"no ExportedProgram file at {path}")
-        return torch.export.load(str(path)).module().eval()
+        from qfold.exported import from_exported_program
+
+        try:
+            program = torch.export.load(str(path))
+        except Exception as exc:  # torch raises several types for corrupt archives
+            raise ValueError(f"{path} is not a readable ExportedProgram ({exc})") from exc
+        return from_exported_program(program)
     factory = _resolve(spec, "model factory")
     model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
     if not isinstance(model, nn.Module):
