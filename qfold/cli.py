@@ -187,8 +187,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     onnx_path = Path(args.onnx)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"Q/DQ ONNX {onnx_path} does not exist; run `qfold export` first")
-    engine = build_engine_stage(onnx_path, Path(args.out), cfg)
+    calib_x = None
+    if args.calib_data:
+        from qfold import sources
+
+        calib_x, _ = sources.load_data(args.calib_data)
+    engine = build_engine_stage(onnx_path, Path(args.out), cfg, calib_x)
     print(f"built {engine.info.engine_path} ({engine.info.backend})")
+    left = engine.info.extra.get("float_for_lack_of_amax") or []
+    if left:
+        print(f"note: {len(left)} tensor(s) the ONNX Runtime rendering would quantize had no amax, so their layers run in "
+              "float (slower, not less accurate); pass --calib-data to calibrate them", file=sys.stderr)
     return 0
 
 
@@ -238,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default="qfold-out")
             p.add_argument("--config")
             p.add_argument("--backend", choices=cfgmod.BACKENDS)
+            p.add_argument("--calib-data", help="calibration data for the tensors only the ONNX Runtime rendering quantizes")
         else:
             _add_model_args(p)
             _add_option_args(p)
