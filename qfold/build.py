@@ -106,8 +106,10 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def run_build(path: str | Path) -> dict[str, Any]:
+def run_build(path: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Build the artifact folder described by the TOML at ``path`` and return the manifest.
+
+    ``out_dir`` overrides the file's ``[output] dir``.
 
     Raises:
         qfold.pipeline.QualityGateError: the accuracy budget is exceeded (after every artifact and
@@ -117,7 +119,7 @@ def run_build(path: str | Path) -> dict[str, Any]:
 
     spec = load_build_spec(path)
     model, cx, ex, ey = _inputs(spec)
-    out = spec.out_dir
+    out = spec.out_dir if out_dir is None else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.toml", cfgmod.to_toml(spec.config))
     failure: QualityGateError | None = None

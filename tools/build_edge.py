@@ -15,12 +15,13 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("build_toml", help="the build description (see tools/edge/example.toml)")
+    ap.add_argument("--out", help="artifact folder (overrides the file's [output] dir)")
     args = ap.parse_args(argv)
     from qfold.build import run_build
     from qfold.pipeline import QualityGateError
 
     try:
-        manifest = run_build(args.build_toml)
+        manifest = run_build(args.build_toml, args.out)
     except QualityGateError as exc:
         print(f"build_edge: {exc}", file=sys.stderr)
         return 3

@@ -176,3 +176,13 @@ def test_edge_build_script_exits_3_over_budget(tmp_path):
     assert r.returncode == 3, r.stderr
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["accuracy"]["exceeded_by_pp"] > 0
+
+
+def test_the_repository_example_build_runs(tmp_path):
+    """tools/edge/example.toml, as shipped (only the output folder redirected)."""
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "build_edge.py"), str(REPO / "tools" / "edge" / "example.toml"),
+                        "--out", str(tmp_path / "example")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "example" / "manifest.json").read_text())
+    assert manifest["accuracy"]["engine_top1_drop_pp"] <= manifest["accuracy"]["budget_pp"]
+    assert {"model_qdq.onnx", "calibration.json", "calibration.trtcache", "engine.ort.onnx"} <= set(manifest["artifacts"])
