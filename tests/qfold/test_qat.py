@@ -342,12 +342,12 @@ def test_autocast_bf16_trains_and_matches_fp32(trained, digits, learn):
     assert quant_layers(q16)["stem"].bn.running_var.dtype == torch.float32
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, init: str, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         model = TinyNet().train()
@@ -371,21 +371,19 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.all_gather(allv, mine)
         if rank == 0:
             torch.save({"all": allv, "calib_n": len(calibrated)}, os.path.join(out_dir, "ddp.pt"))
+        del ddp  # release DDP's reducer before the group goes away ...
+        dist.barrier()  # ... and let both ranks finish communicating: gloo aborts on a one-sided teardown
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_ddp_two_gloo_ranks_keep_amax_identical(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    init = f"file://{tmp_path / 'rendezvous'}"  # a file rendezvous: no port to race for
     # spawn, not fork: a forked child of a process that already ran torch ops can deadlock
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
     res = torch.load(tmp_path / "ddp.pt", weights_only=True)
     a, b = res["all"]
     assert torch.equal(a, b), "amax differs between ranks"
