@@ -7,7 +7,6 @@ accumulates and reports.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -159,10 +158,7 @@ class _OutputEnergy:
         return fn
 
     def sqnr(self, name: str) -> float:
-        s, n = self.signal[name], self.noise[name]
-        if n == 0:
-            return math.inf
-        return 10 * math.log10(s / n) if s > 0 else -math.inf
+        return metrics.sqnr_db_from_energy(self.signal[name], self.noise[name])
 
 
 def layer_sqnr(float_model: nn.Module, fq_model: nn.Module, names: list[str], x: torch.Tensor, batch_size: int) -> dict[str, float]:

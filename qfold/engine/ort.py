@@ -57,28 +57,9 @@ def ort_max_amax(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterab
     """Max calibration of ``tensors`` (ONNX names) by running ``model`` in ORT on ``batches``.
 
     A fallback for :func:`qfold.onnx_qdq.tensors_needing_amax_for_ort` when no calibrator ran
-    on the PyTorch side; graph optimizations are off so every named tensor exists.
+    on the PyTorch side: :func:`ort_calibrate` with method ``max``.
     """
-    ort = _ort()
-    names = list(dict.fromkeys(tensors))
-    if not names:
-        return {}
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have:
-            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    in_name = sess.get_inputs()[0].name
-    amax = dict.fromkeys(names, 0.0)
-    for x in batches:
-        outs = sess.run(names, {in_name: np.ascontiguousarray(x, dtype=np.float32)})
-        for n, v in zip(names, outs):
-            amax[n] = max(amax[n], float(np.max(np.abs(v))))
-    return amax
+    return ort_calibrate(model, tensors, batches, "max")
 
 
 def ort_calibrate(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[np.ndarray], method: str = "max", *, num_bins: int = 2048) -> dict[str, float]:
