@@ -16,7 +16,7 @@ from calib.observe import CalibResult, ObservePoint, calibrate, observe
 from calib.observer import HistogramObserver, weight_amax
 from calib.spec import INT8_PER_TENSOR, QuantSpec, fake_quant_ref, quantize_ref, scale_from_amax
 from calib.table import CalibTable, hash_batches, hash_model, versions
-from calib.trtcache import TrtCacheHeader, read_trt_cache, write_trt_cache
+from calib.trtcache import TrtCacheHeader, read_trt_cache, write_trt_cache, write_trt_cache_note
 
 
 def compute_amax(source: "HistogramObserver | Histogram", method: "CalibMethod | str" = "entropy") -> float:
@@ -34,5 +34,5 @@ __all__ = [
     "INT8_PER_TENSOR", "CalibMethod", "CalibResult", "CalibTable", "CalibrationError", "Histogram",
     "HistogramObserver", "ObservePoint", "QuantSpec", "TrtCacheHeader", "all_reduce_observers", "calibrate",
     "compute_amax", "fake_quant_ref", "hash_batches", "hash_model", "observe", "quantize_ref", "read_trt_cache",
-    "scale_from_amax", "versions", "weight_amax", "write_trt_cache",
+    "scale_from_amax", "versions", "weight_amax", "write_trt_cache", "write_trt_cache_note",
 ]

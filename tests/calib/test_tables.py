@@ -63,10 +63,12 @@ def test_write_rejects_bad_header_fields(tmp_path):
 @pytest.mark.parametrize("text,match", [
     ("", "empty file"),
     ("TRT-8601\nx: 3c010204\n", "line 1: expected a header"),
-    ("TRT-8601-MinMaxCalibration\nx: 3c010204\ny 3c010204\n", "line 3: expected '<tensor name>: <8 hex digits>'"),
-    ("TRT-8601-MinMaxCalibration\nx: 3c010204\ny: 3c01", r"line 3: tensor 'y' has value '3c01', not 8 hex digits \(truncated"),
+    ("TRT-8601-MinMaxCalibration\nx: 3c010204\ny 3c010204\n", "line 3: expected '<tensor name>: <hex scale>'"),
+    ("TRT-8601-MinMaxCalibration\nx: 3c010204\ny: 3c01", r"line 3: tensor 'y' has value '3c01' and the file ends .*\(truncated"),
+    ("TRT-8601-MinMaxCalibration\nx: 3c0102041\n", r"line 2: tensor 'x' has value '3c0102041', not 1-8 hex digits"),
+    ("TRT-8601-MinMaxCalibration\nx: 3g\n", r"line 2: tensor 'x' has value '3g', not 1-8 hex digits"),
     ("TRT-8601-MinMaxCalibration\nx: bc010204\n", "line 2: tensor 'x' has scale -0.00787"),
-    ("TRT-8601-MinMaxCalibration\nx: 7fc00000\n", "line 2: .*must be finite"),
+    ("TRT-8601-MinMaxCalibration\nx: 7fc00000\n", "line 2: .*must be >= 0 and not NaN"),
     ("TRT-8601-MinMaxCalibration\nx: 3c010204\nx: 3c010204\n", "line 3: tensor 'x' appears twice"),
     ("TRT-8601-MinMaxCalibration\n\nx: 3c010204\n", "line 2: expected"),
 ])
@@ -147,3 +149,53 @@ def test_hashes_change_with_data_and_weights():
     x = [torch.ones(2, 3), (torch.zeros(1), {"k": torch.ones(1)})]
     assert hash_batches(x) == hash_batches([t for t in x])
     assert hash_batches(x) != hash_batches(x[:1]) != hash_batches([torch.ones(3, 2)])
+
+
+# ----------------------------------------------------------------------------- caches TensorRT wrote
+
+REAL = Path(__file__).parent / "golden" / "real_trtcache"  # excerpts of public caches; SOURCES.md says whose
+
+
+def _be_float32(hex_text: str) -> float:
+    """Independent decoding: numpy reads the zero-padded big-endian bytes as float32."""
+    return float(np.frombuffer(bytes.fromhex(hex_text.rjust(8, "0")), dtype=">f4")[0])
+
+
+@pytest.mark.parametrize("name,version,unusable", [
+    ("deimkit_trt100900.cache", "100900", {"ONNXTRT_Broadcast_1855_output"}),
+    ("segformer_test_trt8401.cache", "8401", {"(Unnamed Layer* 64) [Shuffle]_output", "366"}),
+    ("segformer_backup_trt8401.cache", "8401", {"input", "371", "376", "380", "(Unnamed Layer* 64) [Shuffle]_output",
+                                                "366", "395"}),
+])
+def test_reads_caches_written_by_tensorrt(name, version, unusable):
+    path = REAL / name
+    lines = path.read_text().splitlines()
+    with pytest.warns(UserWarning, match=f"{len(unusable)} tensor\\(s\\) have a zero or infinite scale") as rec:
+        header, scales = read_trt_cache(path)
+    assert (header.version, header.algorithm) == (version, "EntropyCalibration2")
+    assert len(scales) == len(lines) - 1 and list(scales) == [ln.rpartition(": ")[0] for ln in lines[1:]]
+    for ln in lines[1:]:
+        tensor, _, value = ln.rpartition(": ")
+        assert scales[tensor] == _be_float32(value)
+    assert {k for k, v in scales.items() if v == 0 or np.isinf(v)} == unusable
+    assert len(rec) == 1 and sorted(unusable)[0] in str(rec[0].message)
+
+
+def test_real_cache_values_are_scales_of_plausible_ranges():
+    with pytest.warns(UserWarning, match="ONNXTRT_Broadcast_1855_output"):
+        _, scales = read_trt_cache(REAL / "deimkit_trt100900.cache")
+    assert scales["images"] * 127 == pytest.approx(1.0, rel=0.01)  # a [0, 1] image input: amax 1
+
+
+def test_cache_note_says_tensorrt_11_has_no_reader(tmp_path):
+    from calib import write_trt_cache_note
+
+    cache = write_trt_cache(tmp_path / "calibration.trtcache", {"a": 0.5})
+    note = json.loads(write_trt_cache_note(cache).read_text())
+    assert note["header"] == "TRT-100300-EntropyCalibration2"
+    assert "TensorRT 11 removed implicit INT8 calibration" in note["tensorrt_11"]
+    assert "trtexec --calib" in note["readers"]
+    assert write_trt_cache_note(cache).read_bytes() == (tmp_path / "calibration.trtcache.json").read_bytes()
+    (tmp_path / "bad").write_text("not a cache\n")
+    with pytest.raises(CalibrationError, match="line 1: expected a header"):
+        write_trt_cache_note(tmp_path / "bad")
