@@ -15,6 +15,7 @@ import torch
 
 from calib.atomic import atomic_write_text
 from qfold import config as cfgmod
+from qfold.engine import BackendUnavailableError, require_backend
 
 EXIT_BUDGET = 3
 
@@ -95,6 +96,7 @@ def cmd_ptq(args: argparse.Namespace) -> int:
     from qfold.pipeline import QualityGateError, run_ptq
 
     cfg = _config(args)
+    require_backend(cfg.engine.backend)  # before any work: a missing TensorRT fails in a second
     model, calib_x, eval_x, eval_y = _load(args)
     out = Path(args.out)
     atomic_write_text(out / "config.toml", cfgmod.to_toml(cfg))
@@ -184,6 +186,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from qfold.pipeline import build_engine_stage
 
     cfg = _config(args)
+    require_backend(cfg.engine.backend)
     onnx_path = Path(args.onnx)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"Q/DQ ONNX {onnx_path} does not exist; run `qfold export` first")
@@ -207,6 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from qfold.engine.base import EngineConfig
 
     cfg = _config(args)
+    require_backend(cfg.engine.backend)
     model, calib_x, eval_x, eval_y = _load(args)
     x = calib_x if eval_x is None else eval_x
     backend = get_backend(cfg.engine.backend)
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, BackendUnavailableError) as exc:
         print(f"qfold {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -176,9 +176,13 @@ def run_ptq(
         out_dir: folder for the Q/DQ ONNX, calibration files, engine, reports and plots.
 
     Raises:
+        qfold.engine.BackendUnavailableError: first, when the configured engine backend cannot run here.
         QualityGateError: after writing everything, when ``config.eval.max_drop_pp`` is exceeded.
     """
     _check_inputs(model, calib_x)
+    from qfold.engine import require_backend
+
+    require_backend(config.engine.backend)  # before any work (raises BackendUnavailableError)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if config.calib.max_samples is not None:
@@ -202,6 +206,7 @@ def run_ptq(
     qdq_model = onnx.load(str(onnx_path))
     algo = {"entropy": "EntropyCalibration2"}.get(config.calib.method, "MinMaxCalibration")
     res.artifacts["trt_cache"] = calib.write_trt_cache(out / "calibration.trtcache", activation_scales(qdq_model), algorithm=algo)
+    res.artifacts["trt_cache_note"] = calib.write_trt_cache_note(res.artifacts["trt_cache"])  # readers; none on TRT 11
     precision = {"layers": plan.precision_map(), "onnx_nodes": precision_map(qdq_model)}
     text = json.dumps(precision, indent=2, sort_keys=True) + "\n"  # supersedes the export's node-only map
     res.artifacts["precision_map"] = atomic_write_text(precision_map_path(onnx_path), text)

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-MODULES = ["calib.spec", "calib.trtcache", "qfold.fold_math", "qfold.metrics", "qfold.bound_math", "qfold.fp16",
+MODULES = ["calib.spec", "calib.trtcache", "qfold.engine.trt_install", "qfold.fold_math", "qfold.metrics", "qfold.bound_math", "qfold.fp16",
            "qfold.engine", "qfold.examples"]
 
 

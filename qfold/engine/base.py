@@ -14,6 +14,10 @@ from typing import Any, Protocol
 import numpy as np
 
 
+class BackendUnavailableError(ImportError):
+    """An engine backend cannot run here (a missing package or device); the message says what to do instead."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How an engine is built.

@@ -4,7 +4,7 @@ The only module that imports ``tensorrt``, and only inside functions: without it
 that needs no GPU (build planning, profiles, metadata, layer summaries) still works, and asking for
 an engine raises :class:`TensorRTUnavailableError` saying how to install it.
 
-Build rules (../shared/research/tensorrt-and-calibration.md sections 2 and 4):
+Build rules (docs/tensorrt.md says where each comes from in TensorRT's headers and guides):
 
 * INT8 comes only from the Q/DQ nodes (explicit quantization); no calibrator, ever.
 * 11.x: every network is strongly typed, ``create_network(0)``, no precision flags (they are gone).
@@ -12,19 +12,22 @@ Build rules (../shared/research/tensorrt-and-calibration.md sections 2 and 4):
   ``BuilderFlag.INT8`` (+ ``FP16``) path is used only in the explicit ``legacy_weak_typing`` mode,
   and only where those flags exist.
 * FP16 fallback under strong typing means an FP16 ONNX (qfold.fp16); in legacy mode ``FP16``.
+* ``BuilderFlag.TF32`` (on by default in 10.x and 11.x) is cleared, so FP32 layers compute in FP32.
 * Workspace via ``set_memory_pool_limit(WORKSPACE)``; a timing cache ``<engine>.timing.cache``
   next to the engine, read before and written after each build; one optimization profile over
   the batch dimension (``EngineConfig.batch_min/opt/max``) when the batch is dynamic.
 * The plan and its ``<engine>.json`` metadata are written atomically (calib.atomic); the metadata
   holds the TensorRT version, GPU name and compute capability, the ONNX and plan sha256, and the
   engine inspector's per-layer precisions summarised (INT8 layer count, float layers by name).
-* Inference: ``set_input_shape``, ``set_tensor_address`` on torch CUDA tensors, ``execute_async_v3``
-  on a torch stream.
+* Inference: ``set_input_shape``, ``set_tensor_address`` on 256-byte aligned torch CUDA tensors
+  (misaligned batch chunks are copied; a rejected address raises), ``execute_async_v3`` on the
+  engine's own torch stream.
 
 The parts that need no TensorRT live in :mod:`qfold.engine.trt_plan` and are re-exported here.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,15 +35,20 @@ from typing import Any
 import numpy as np
 
 from calib.atomic import atomic_write_bytes
-from qfold.engine.base import EngineConfig, EngineInfo
+from qfold.engine.base import BackendUnavailableError, EngineConfig, EngineInfo
+from qfold.engine.trt_install import INSTALL_HINT
 from qfold.engine.trt_plan import (
     BOOKKEEPING_LAYERS,
+    TENSOR_ALIGNMENT,
     BuildPlan,
     LayerPrecisions,
+    aligned_empty,
+    aligned_tensor,
     batch_slices,
     check_compatible,
     format_parser_errors,
     info_to_json,
+    is_aligned,
     metadata_path,
     plan_build,
     prepare_onnx,
@@ -67,11 +75,15 @@ __all__ = [
     "TensorRTEngine",
     "TensorRTUnavailableError",
     "TrtBackend",
+    "aligned_empty",
+    "aligned_tensor",
     "batch_slices",
+    "check_available",
     "check_compatible",
     "format_parser_errors",
     "import_tensorrt",
     "info_to_json",
+    "is_aligned",
     "metadata_path",
     "plan_build",
     "prepare_onnx",
@@ -85,14 +97,7 @@ __all__ = [
     "write_engine",
 ]
 
-INSTALL_HINT = (
-    "the TensorRT backend needs the `tensorrt` package and an NVIDIA GPU: install it with "
-    "`pip install qfold[tensorrt]` (TensorRT's wheels come from NVIDIA's Python package index), "
-    "or use `--backend onnxruntime`, which works everywhere"
-)
-
-
-class TensorRTUnavailableError(ImportError):
+class TensorRTUnavailableError(BackendUnavailableError):
     """TensorRT or a CUDA device is missing; the message says how to install or what to use instead."""
 
 
@@ -101,6 +106,22 @@ class EngineBuildError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- TensorRT side
+
+
+def check_available() -> None:
+    """Raise :class:`TensorRTUnavailableError` unless ``tensorrt`` is installed and torch sees a CUDA device.
+
+    Cheap (finds the package without importing it), so callers run it before any work:
+    :func:`qfold.engine.require_backend` calls it for ``"tensorrt"``.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        raise TensorRTUnavailableError(f"TensorRT is not installed: {INSTALL_HINT}")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TensorRTUnavailableError(f"no CUDA device is visible to torch: {INSTALL_HINT}")
 
 
 def import_tensorrt() -> Any:
@@ -142,11 +163,13 @@ def _make_logger(trt: Any, verbose: bool) -> Any:
 class TensorRTEngine:
     """A deserialized engine with one input; numpy or torch CUDA tensors in, first output out."""
 
-    def __init__(self, engine: Any, info: EngineInfo, trt: Any) -> None:
+    def __init__(self, engine: Any, info: EngineInfo, trt: Any, runtime: Any = None) -> None:
         import torch
 
         self.info = info
         self._trt, self._engine = trt, engine
+        self._runtime = runtime  # the IRuntime that deserialized the engine lives as long as it
+        self._bound: tuple[Any, dict[str, Any]] | None = None
         self._context = engine.create_execution_context()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self._inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -176,24 +199,64 @@ class TensorRTEngine:
         out = self.run_torch(torch.from_numpy(np.ascontiguousarray(x)))
         return out.float().cpu().numpy()
 
+    @property
+    def stream(self) -> Any:
+        """The torch CUDA stream every enqueue of this engine runs on (record timing events here)."""
+        return self._stream
+
+    @property
+    def input_dtype(self) -> Any:
+        """The torch dtype of the engine's input tensor."""
+        return self._dtypes[self._in]
+
+    def bind(self, x: Any) -> Any:
+        """Set the input shape and the tensor addresses for one batch ``x`` (CUDA, the input dtype,
+        at most the profile's max batch); return the output tensor that :meth:`enqueue` fills.
+
+        ``x`` is copied when it is not contiguous at a 256-byte aligned address (a batch chunk is a
+        view into the middle of the batch). The bound tensors stay alive until the next ``bind``.
+
+        Raises:
+            ValueError: TensorRT rejects the input shape.
+            RuntimeError: TensorRT rejects a tensor address (``set_tensor_address`` returned False).
+        """
+        ctx = self._context
+        x = aligned_tensor(x)
+        if not ctx.set_input_shape(self._in, tuple(x.shape)):
+            raise ValueError(f"TensorRT rejected input shape {tuple(x.shape)} for '{self._in}'")
+        self._set_address(self._in, x)
+        outs = {}
+        for name in self._outputs:
+            outs[name] = aligned_empty(tuple(ctx.get_tensor_shape(name)), self._dtypes[name], x.device)
+            self._set_address(name, outs[name])
+        self._bound = (x, outs)
+        return outs[self._outputs[0]]
+
+    def _set_address(self, name: str, tensor: Any) -> None:
+        address = tensor.data_ptr()
+        if not is_aligned(address):
+            raise RuntimeError(f"tensor '{name}' sits at {address:#x}, not {TENSOR_ALIGNMENT}-byte aligned")
+        if not self._context.set_tensor_address(name, address):
+            raise RuntimeError(
+                f"TensorRT rejected address {address:#x} for tensor '{name}' (set_tensor_address returned False); "
+                "see the TensorRT log above"
+            )
+
+    def enqueue(self) -> None:
+        """Queue one run of the bound tensors on :attr:`stream`, without waiting for it."""
+        if not self._context.execute_async_v3(self._stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed; see the TensorRT log above")
+
     def _run_batch(self, x: Any) -> Any:
         import torch
 
-        ctx, stream = self._context, self._stream
+        stream = self._stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            x = x.contiguous()
-            if not ctx.set_input_shape(self._in, tuple(x.shape)):
-                raise ValueError(f"TensorRT rejected input shape {tuple(x.shape)} for '{self._in}'")
-            ctx.set_tensor_address(self._in, x.data_ptr())
-            outs = {}
-            for name in self._outputs:
-                outs[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=self._dtypes[name], device="cuda")
-                ctx.set_tensor_address(name, outs[name].data_ptr())
-            if not ctx.execute_async_v3(stream.cuda_stream):
-                raise RuntimeError("TensorRT execute_async_v3 failed; see the TensorRT log above")
+            out = self.bind(x)
+            self.enqueue()
         stream.synchronize()
-        return outs[self._outputs[0]]
+        return out
 
     def layer_precisions(self, batch: int | None = None) -> LayerPrecisions:
         """The inspector's per-layer precisions at ``batch`` (default: the profile's max)."""
@@ -242,6 +305,8 @@ class TensorRTBackend:
             bconf.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
         for flag in plan_cfg.builder_flags:
             bconf.set_flag(getattr(trt.BuilderFlag, flag))
+        for flag in plan_cfg.cleared_flags:  # TF32: on by default; FP32 layers must compute in FP32
+            bconf.clear_flag(getattr(trt.BuilderFlag, flag))
         cache_file = timing_cache_path(engine_path)
         self._attach_timing_cache(bconf, cache_file)
         profiles = {}
@@ -275,13 +340,25 @@ class TensorRTBackend:
                 "engine_sha256": sha256_bytes(plan),
                 "strongly_typed": not self.legacy_weak_typing,
                 "builder_flags": list(plan_cfg.builder_flags),
+                "cleared_builder_flags": list(plan_cfg.cleared_flags),
+                "tf32": "TF32" in set(trt.BuilderFlag.__members__) and "TF32" not in plan_cfg.cleared_flags,
                 "engine_config": asdict(config),
                 "profiles": profiles,
                 "timing_cache": cache_file.name,
             },
         )
-        engine = TensorRTEngine(trt.Runtime(logger).deserialize_cuda_engine(plan), info, trt)
-        info.extra["layers"] = engine.layer_precisions(config.batch_opt).to_dict()
+        runtime = trt.Runtime(logger)
+        cuda_engine = runtime.deserialize_cuda_engine(plan)
+        if cuda_engine is None:  # "the engine, or nullptr if it could not be deserialized" (NvInferRuntime.h)
+            detail = "; ".join(logger.errors) or "no error was logged"
+            raise EngineBuildError(f"TensorRT built {engine_path.name} but could not deserialize it: {detail}")
+        engine = TensorRTEngine(cuda_engine, info, trt, runtime)
+        try:  # cosmetic: a failure here must not throw away the engine TensorRT has built
+            info.extra["layers"] = engine.layer_precisions(config.batch_opt).to_dict()
+        except Exception as exc:  # noqa: BLE001 (inspector errors vary by TensorRT version)
+            warnings.warn(f"{engine_path.name}: could not summarise layer precisions ({exc}); the engine is "
+                          "written without them", RuntimeWarning, stacklevel=2)
+            info.extra["layers"] = {"error": f"{type(exc).__name__}: {exc}"}
         write_engine(engine_path, plan, info)
         return info
 
@@ -303,11 +380,12 @@ class TensorRTBackend:
         plan, info = read_engine(engine_path)
         check_compatible(info, trt.__version__, _gpu()[1])
         logger = _make_logger(trt, self.verbose)
-        engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(plan)
         if engine is None:
             detail = "; ".join(logger.errors) or "no error was logged"
             raise EngineBuildError(f"TensorRT could not deserialize {engine_path}: {detail}")
-        return TensorRTEngine(engine, info, trt)
+        return TensorRTEngine(engine, info, trt, runtime)
 
 
 TrtBackend = TensorRTBackend  # the name qfold.engine.BACKENDS refers to

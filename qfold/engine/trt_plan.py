@@ -3,8 +3,9 @@
 Build planning for the installed TensorRT version (:func:`plan_build`, :class:`BuildPlan`,
 :func:`version_tuple`), the dynamic-batch optimization profile (:func:`profile_shapes`,
 :func:`batch_slices`), parser error messages (:func:`format_parser_errors`), the engine
-inspector's per-layer precisions (:func:`summarize_layers`, :class:`LayerPrecisions`), and the
-engine files and metadata (paths, sha256, atomic write/read, compatibility check, the ONNX bytes
+inspector's per-layer precisions on TensorRT 10.x and 11.x (:func:`summarize_layers`,
+:class:`LayerPrecisions`), 256-byte aligned tensor addresses (:func:`is_aligned`,
+:func:`aligned_tensor`, :func:`aligned_empty`; these import torch lazily), and the engine files and metadata (paths, sha256, atomic write/read, compatibility check, the ONNX bytes
 to parse). This module never imports ``tensorrt``; :mod:`qfold.engine.trt` re-exports all of it.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from calib.atomic import atomic_write_bytes, atomic_write_text
 from qfold.engine.base import EngineConfig, EngineInfo
+from qfold.engine.trt_install import INSTALL_COMMAND
 
 BOOKKEEPING_LAYERS = frozenset({"Reformat", "NoOp", "Constant"})  # move data, compute nothing
 
@@ -34,11 +36,16 @@ class BuildPlan:
             11.x is always strongly typed and the flag is deprecated there).
         builder_flags: names of ``BuilderFlag`` members to set (legacy weak typing only).
         fp16_onnx: convert the ONNX's unquantized parts to FP16 before parsing.
+        cleared_flags: names of ``BuilderFlag`` members to clear: ``TF32``, which is on by
+            default in 10.x and 11.x ("Enabled by default", include/NvInfer.h, BuilderFlag::kTF32,
+            NVIDIA/TensorRT release/10.13 and main = 11.1), so that layers the inspector reports as
+            FP32 really compute in FP32 (TF32 rounds inner-product inputs to 10-bit mantissas).
     """
 
     strongly_typed_flag: bool
     builder_flags: tuple[str, ...]
     fp16_onnx: bool
+    cleared_flags: tuple[str, ...] = ()
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -74,7 +81,8 @@ def plan_build(
     """
     major = version_tuple(version)[0]
     if major < 10:
-        raise ValueError(f"TensorRT {version} is too old: qfold needs TensorRT 10.x or 11.x (`pip install qfold[tensorrt]`)")
+        raise ValueError(f"TensorRT {version} is too old: qfold needs TensorRT 10.x or 11.x ({INSTALL_COMMAND})")
+    clear = ("TF32",) if "TF32" in builder_flags else ()
     if legacy_weak_typing:
         if major >= 11 or "INT8" not in builder_flags:
             raise ValueError(
@@ -82,12 +90,12 @@ def plan_build(
                 "build strongly typed instead (the default) and use fp16_fallback for FP16 layers"
             )
         extra = ("FP16",) if fp16_fallback and "FP16" in builder_flags else ()
-        return BuildPlan(strongly_typed_flag=False, builder_flags=("INT8", *extra), fp16_onnx=False)
+        return BuildPlan(strongly_typed_flag=False, builder_flags=("INT8", *extra), fp16_onnx=False, cleared_flags=clear)
     if major < 11 and not has_strongly_typed:
         raise ValueError(
             f"TensorRT {version} has no strongly typed networks; upgrade TensorRT or pass legacy_weak_typing=True"
         )
-    return BuildPlan(strongly_typed_flag=major < 11, builder_flags=(), fp16_onnx=fp16_fallback)
+    return BuildPlan(strongly_typed_flag=major < 11, builder_flags=(), fp16_onnx=fp16_fallback, cleared_flags=clear)
 
 
 def profile_shapes(
@@ -159,24 +167,51 @@ class LayerPrecisions:
         return d
 
 
-def _precision_of(fmt: str) -> str:
-    f = fmt.lower()
+#: keys that carry a tensor's data type in the inspector's per-layer JSON, newest schema first:
+#: TensorRT 11.x splits the 10.x ``Format/Datatype`` string into ``Format`` and ``Datatype``
+#: (migration guide "Migrating IEngineInspector Usage from TensorRT 10.x to 11.x"; NVIDIA/TensorRT
+#: main, .agents/skills/trt-perf-analysis/schemas/analyze-data.schema.json, tensor properties).
+#: ``DataType`` is the spelling 11.x uses for its new "I/O Tensors" records; accepted as well.
+TYPE_KEYS = ("Datatype", "DataType", "Format/Datatype")
+
+
+def _precision_of(text: str) -> str:
+    """``"Row major linear FP32"`` / ``"Float"`` / ``"Int8"`` ... -> int8, fp16, fp32, other or unknown."""
+    f = text.lower()
     if "n/a" in f:
         return "unknown"
+    if any(k in f for k in ("fp8", "float8", "e4m3", "e5m2", "fp4", "int4", "uint8")):
+        return "other"
     if "int8" in f:
         return "int8"
-    if "fp16" in f or "half" in f or "bf16" in f or "bfloat" in f:
+    if any(k in f for k in ("fp16", "half", "bf16", "bfloat")):
         return "fp16"
     if "fp32" in f or "float" in f:
         return "fp32"
     return "other"
 
 
+def tensor_type(tensor: Mapping[str, Any]) -> str | None:
+    """The data-type text of one inspector tensor record (10.x or 11.x schema), or None when it has none."""
+    for key in TYPE_KEYS:
+        value = tensor.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def summarize_layers(engine_information: str | Mapping[str, Any]) -> LayerPrecisions:
     """Summarise ``IEngineInspector.get_engine_information(LayerInformationFormat.JSON)``.
 
-    Needs an engine built with ``ProfilingVerbosity.DETAILED`` and, for a dynamic batch, an
-    inspector whose execution context has its input shapes set (otherwise formats read "N/A").
+    Reads the TensorRT 10.x schema (``"Format/Datatype": "Row major linear FP32"``) and the 11.x
+    one (``"Datatype"`` next to ``"Format"``). Needs an engine built with
+    ``ProfilingVerbosity.DETAILED`` and, for a dynamic batch, an inspector whose execution context
+    has its input shapes set (otherwise types read "N/A").
+
+    Raises:
+        ValueError: no ``Layers`` list, names only (not DETAILED), a layer whose tensors carry no
+            type field (an inspector schema qfold does not know: counting it as zero INT8 layers
+            would be wrong), or "N/A" types.
     """
     data = json.loads(engine_information) if isinstance(engine_information, str) else engine_information
     layers = data.get("Layers")
@@ -191,12 +226,20 @@ def summarize_layers(engine_information: str | Mapping[str, Any]) -> LayerPrecis
             )
         if layer.get("LayerType") in BOOKKEEPING_LAYERS:
             continue
-        inputs = layer.get("Inputs") or layer.get("Outputs") or []
-        fmt = str(inputs[0].get("Format/Datatype", "")) if inputs and isinstance(inputs[0], Mapping) else ""
-        p = _precision_of(fmt)
+        tensors = [t for t in (layer.get("Inputs") or layer.get("Outputs") or []) if isinstance(t, Mapping)]
+        text = tensor_type(tensors[0]) if tensors else None
+        if text is None:
+            if not tensors:
+                other += 1  # no data tensor at all (e.g. a layer producing a shape): nothing to classify
+                continue
+            raise ValueError(
+                f"layer '{layer.get('Name')}' has tensors without a type field (looked for {', '.join(TYPE_KEYS)}; "
+                f"found keys {sorted(tensors[0])}); this TensorRT's inspector JSON schema is not one qfold reads"
+            )
+        p = _precision_of(text)
         if p == "unknown":
             raise ValueError(
-                f"layer '{layer.get('Name')}' has no concrete format ({fmt!r}); give the inspector an execution "
+                f"layer '{layer.get('Name')}' has no concrete type ({text!r}); give the inspector an execution "
                 "context whose input shapes are set"
             )
         if p == "int8":
@@ -208,6 +251,49 @@ def summarize_layers(engine_information: str | Mapping[str, Any]) -> LayerPrecis
         else:
             other += 1
     return LayerPrecisions(int8, tuple(float_names), fp16, fp32, other)
+
+
+# ----------------------------------------------------------------------------- tensor addresses
+
+#: ``IExecutionContext::setTensorAddress``: "The pointer must have at least 256-byte alignment"
+#: (include/NvInferRuntime.h, NVIDIA/TensorRT release/10.0, release/10.13 and main = 11.1).
+TENSOR_ALIGNMENT = 256
+
+
+def is_aligned(address: int, alignment: int = TENSOR_ALIGNMENT) -> bool:
+    """True when ``address`` is a multiple of ``alignment`` bytes."""
+    return address % alignment == 0
+
+
+def aligned_tensor(x: Any, alignment: int = TENSOR_ALIGNMENT) -> Any:
+    """``x`` itself when it is contiguous at an aligned address, else a contiguous aligned copy.
+
+    A batch chunk ``x[i:j]`` is a view starting ``i`` rows into ``x``; ``.contiguous()`` returns it
+    as is, at an address TensorRT may reject. The copy is carved out of a slightly larger buffer
+    so that it is aligned on any device and allocator (torch's CPU allocator aligns to 64 bytes
+    only). Works on CPU and CUDA tensors alike.
+    """
+    if x.is_contiguous() and is_aligned(x.data_ptr(), alignment):
+        return x
+    return aligned_empty(tuple(x.shape), x.dtype, x.device, alignment).copy_(x)
+
+
+def aligned_empty(shape: Sequence[int], dtype: Any, device: Any, alignment: int = TENSOR_ALIGNMENT) -> Any:
+    """An uninitialised contiguous tensor whose first element sits at an ``alignment``-byte address."""
+    import torch
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if alignment % itemsize:
+        raise ValueError(f"alignment {alignment} is not a multiple of the {dtype} element size {itemsize}")
+    n = 1
+    for d in shape:
+        n *= int(d)
+    buf = torch.empty(n + alignment // itemsize, dtype=dtype, device=device)
+    skip = (-buf.data_ptr() % alignment) // itemsize
+    out = buf[skip:skip + n].view(tuple(shape))
+    if not is_aligned(out.data_ptr(), alignment):  # cannot happen: itemsize divides alignment
+        raise RuntimeError(f"could not place a {dtype} tensor at a {alignment}-byte aligned address")
+    return out
 
 
 # ----------------------------------------------------------------------------- files and metadata

@@ -19,8 +19,8 @@ from qfold.engine.base import EngineConfig, EngineInfo
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
-def _qdq_conv_model(path: Path | None = None, *, cin: int = 4, cout: int = 8, seed: int = 0) -> onnx.ModelProto:
-    """x[N,cin,8,8] -> Q/DQ -> Conv 3x3 (per-channel Q/DQ weights) -> Relu -> y; dynamic batch, opset 17."""
+def _qdq_conv_model(path: Path | None = None, *, cin: int = 4, cout: int = 8, seed: int = 0, hw: int = 8) -> onnx.ModelProto:
+    """x[N,cin,hw,hw] -> Q/DQ -> Conv 3x3 (per-channel Q/DQ weights) -> Relu -> y; dynamic batch, opset 17."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((cout, cin, 3, 3)).astype(np.float32)
     inits = [
@@ -40,8 +40,8 @@ def _qdq_conv_model(path: Path | None = None, *, cin: int = 4, cout: int = 8, se
         helper.make_node("Relu", ["c"], ["y"]),
     ]
     g = helper.make_graph(
-        nodes, "qdq_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cout, 8, 8])], inits,
+        nodes, "qdq_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, hw, hw])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cout, hw, hw])], inits,
     )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(m)
@@ -81,7 +81,8 @@ def test_missing_tensorrt_error_says_how_to_install_and_what_works_instead(tmp_p
         with pytest.raises(T.TensorRTUnavailableError) as exc:
             call()
         msg = str(exc.value)
-        assert "pip install qfold[tensorrt]" in msg and "--backend onnxruntime" in msg
+        assert 'pip install -e ".[tensorrt]" --extra-index-url https://pypi.nvidia.com' in msg
+        assert "--backend onnxruntime" in msg and "pip install qfold" not in msg
         assert isinstance(exc.value, ImportError)
     assert not (tmp_path / "m.plan").exists()
 
@@ -100,12 +101,12 @@ def test_registry_gives_this_backend_without_importing_tensorrt():
 @pytest.mark.parametrize(
     "version, has_st, flags, fp16, legacy, expected",
     [
-        ("11.1.0.8", True, {"TF32"}, False, False, T.BuildPlan(False, (), False)),
-        ("11.0.0", False, {"TF32"}, True, False, T.BuildPlan(False, (), True)),
-        ("10.13.2.6", True, {"INT8", "FP16", "TF32"}, False, False, T.BuildPlan(True, (), False)),
+        ("11.1.0.8", True, {"TF32"}, False, False, T.BuildPlan(False, (), False, ("TF32",))),
+        ("11.0.0", False, {"TF32"}, True, False, T.BuildPlan(False, (), True, ("TF32",))),
+        ("10.13.2.6", True, {"INT8", "FP16", "TF32"}, False, False, T.BuildPlan(True, (), False, ("TF32",))),
         ("10.3.0", True, {"INT8", "FP16"}, True, False, T.BuildPlan(True, (), True)),
         ("10.3.0", True, {"INT8", "FP16"}, True, True, T.BuildPlan(False, ("INT8", "FP16"), False)),
-        ("10.3.0", True, {"INT8", "FP16"}, False, True, T.BuildPlan(False, ("INT8",), False)),
+        ("10.3.0", True, {"INT8", "FP16", "TF32"}, False, True, T.BuildPlan(False, ("INT8",), False, ("TF32",))),
     ],
 )
 def test_plan_build_follows_the_version_table(version, has_st, flags, fp16, legacy, expected):
@@ -196,6 +197,134 @@ def test_summarize_layers_explains_missing_detail():
         T.summarize_layers(dyn)
 
 
+INSPECTOR_SAMPLES = Path(__file__).parent / "data" / "trt_inspector"  # SOURCES.md there says where each came from
+
+
+def test_summarize_layers_reads_a_recorded_engine_in_the_10x_schema():
+    text = (INSPECTOR_SAMPLES / "trex_resnet_qat_residual_a100.graph.json").read_text()
+    assert '"Format/Datatype"' in text and '"Datatype"' not in text.replace('"Format/Datatype"', "")
+    s = T.summarize_layers(text)
+    # 26 layers: 3 Reformat + 1 NoOp left out, 20 CaskConvolution + 1 ConvActPool on INT8, 1 FP32 pooling
+    assert (s.int8, s.fp16, s.fp32, s.other) == (21, 0, 1, 0)
+    assert s.float_layers == ("GlobalAveragePool_294",)
+
+
+def test_summarize_layers_reads_the_11x_schema_with_split_fields():
+    data = json.loads((INSPECTOR_SAMPLES / "schema11_from_migration_guide.json").read_text())
+    assert "Bindings" not in data and all("Format/Datatype" not in t for ly in data["Layers"] for t in ly["Inputs"])
+    s = T.summarize_layers(data)
+    assert (s.int8, s.fp16, s.fp32, s.other) == (2, 2, 1, 0)
+    assert s.float_layers == ("GlobalAveragePool_294", "fc.weight + QuantizeLinear_303 + Gemm_305", "softmax")
+
+
+@pytest.mark.parametrize("tensor", [{"Name": "x"}, {"Name": "x", "Format": "Row major linear FP32 format (kLINEAR)"},
+                                    {"Name": "x", "Datatype": ""}])
+def test_summarize_layers_refuses_a_schema_without_type_fields(tensor):
+    data = {"Layers": [{"Name": "conv", "LayerType": "CaskConvolution", "Inputs": [tensor], "Outputs": [tensor]}]}
+    with pytest.raises(ValueError, match="layer 'conv' has tensors without a type field.*Datatype, DataType, Format/Datatype"):
+        T.summarize_layers(data)
+
+
+def test_summarize_layers_type_names_of_both_schemas():
+    def one(text: str) -> tuple[int, int, int, int]:
+        s = T.summarize_layers({"Layers": [{"Name": "l", "LayerType": "X", "Inputs": [{"Datatype": text}]}]})
+        return s.int8, s.fp16, s.fp32, s.other
+
+    assert one("Int8") == one("Row major Int8 format") == (1, 0, 0, 0)
+    assert one("Half") == one("BFloat16") == one("Channel major FP16 format where channel % 8 == 0") == (0, 1, 0, 0)
+    assert one("Float") == one("Row major linear FP32") == (0, 0, 1, 0)
+    assert one("FP8") == one("UInt8") == one("Int32") == one("Int4") == (0, 0, 0, 1)
+
+
+# ----------------------------------------------------------------------------- tensor addresses
+
+
+def test_batch_chunks_are_copied_to_256_byte_aligned_addresses():
+    import torch
+
+    x = torch.arange(10 * 3 * 5 * 5, dtype=torch.float32).reshape(10, 3, 5, 5)  # 300 bytes per row
+    chunk = x[1:4]  # a view 300 bytes into x: .contiguous() keeps it there
+    assert chunk.is_contiguous() and chunk.contiguous().data_ptr() == chunk.data_ptr()
+    assert not T.is_aligned(chunk.data_ptr())  # torch's CPU allocator aligns x to 64 bytes; 300 % 64 != 0
+    out = T.aligned_tensor(chunk)
+    assert T.is_aligned(out.data_ptr()) and out.data_ptr() != chunk.data_ptr()
+    assert torch.equal(out, chunk) and out.is_contiguous() and out.dtype == chunk.dtype
+    assert T.aligned_tensor(out).data_ptr() == out.data_ptr()  # aligned and contiguous: no copy
+    strided = x[:, 0]  # not contiguous
+    assert torch.equal(T.aligned_tensor(strided), strided) and T.is_aligned(T.aligned_tensor(strided).data_ptr())
+    for dtype in (torch.float16, torch.int8, torch.float64):
+        e = T.aligned_empty((7, 3), dtype, "cpu")
+        assert T.is_aligned(e.data_ptr()) and e.shape == (7, 3) and e.dtype == dtype
+
+
+def test_is_aligned():
+    assert T.TENSOR_ALIGNMENT == 256
+    assert T.is_aligned(0) and T.is_aligned(512) and not T.is_aligned(300) and not T.is_aligned(128)
+    assert T.is_aligned(128, alignment=64)
+
+
+# ----------------------------------------------------------------------------- installing TensorRT
+
+
+def test_tensorrt_wheel_follows_torch_cuda_and_the_driver():
+    from qfold.engine.trt_install import tensorrt_wheel
+
+    assert tensorrt_wheel("12.8", "12.9") == tensorrt_wheel("12.1", None) == "tensorrt-cu12"
+    assert tensorrt_wheel("13.0", "13.0") == "tensorrt-cu13"
+    with pytest.raises(ValueError, match="driver supports CUDA 12.4 but torch needs CUDA 13"):
+        tensorrt_wheel("13.0", "12.4")
+    with pytest.raises(ValueError, match="CPU build"):
+        tensorrt_wheel(None, "13.0")
+    with pytest.raises(ValueError, match="CUDA 11.8"):
+        tensorrt_wheel("11.8", "12.0")
+
+
+def test_install_hint_names_the_checkout_install_and_nvidias_index():
+    from qfold.engine.trt_install import INSTALL_COMMAND, INSTALL_COMMAND_CU12, INSTALL_HINT
+
+    assert INSTALL_COMMAND == 'pip install -e ".[tensorrt]" --extra-index-url https://pypi.nvidia.com'
+    assert INSTALL_COMMAND_CU12 == "pip install -e . tensorrt-cu12 --extra-index-url https://pypi.nvidia.com"
+    assert INSTALL_COMMAND in INSTALL_HINT and INSTALL_COMMAND_CU12 in INSTALL_HINT and "--backend onnxruntime" in INSTALL_HINT
+    assert "qfold[tensorrt]" not in INSTALL_HINT.replace('".[tensorrt]"', "")
+    import tomllib
+
+    extra = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(r.replace(" ", "").startswith("tensorrt>=10") for r in extra["tensorrt"])
+
+
+# ----------------------------------------------------------------------------- backend check before any work
+
+
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here, so the missing-package path cannot run")
+def test_require_backend_refuses_tensorrt_without_it_and_accepts_onnxruntime():
+    from qfold.engine import BackendUnavailableError, require_backend
+
+    with pytest.raises(BackendUnavailableError, match="--backend onnxruntime"):
+        require_backend("tensorrt")
+    require_backend("onnxruntime")
+    with pytest.raises(ValueError, match="known backends"):
+        require_backend("tvm")
+
+
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here, so the missing-package path cannot run")
+def test_cli_ptq_with_tensorrt_missing_exits_2_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[2]
+    code = "import sys; from qfold.cli import main; sys.exit(main())"
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", code, "ptq", "--example", "--backend", "tensorrt", "--out", str(out)],
+                       capture_output=True, text=True, cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)},
+                       timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qfold ptq: error: TensorRT is not installed")
+    assert "--backend onnxruntime" in lines[0] and "--extra-index-url https://pypi.nvidia.com" in lines[0]
+    assert not out.exists()  # nothing folded, calibrated or written
+
+
 # ----------------------------------------------------------------------------- files and metadata
 
 
@@ -276,6 +405,7 @@ def test_engine_matches_onnxruntime(tmp_path, fp16_fallback):
     assert plan.is_file() and T.metadata_path(plan).is_file() and T.timing_cache_path(plan).is_file()
     assert info.onnx_sha256 == T.sha256_file(onnx_path) and info.extra["profiles"]["x"][2] == [8, 4, 8, 8]
     assert info.extra["layers"]["int8"] >= 1
+    assert info.extra["cleared_builder_flags"] == ["TF32"] and info.extra["tf32"] is False
     engine = T.BACKEND.load(plan, cfg)
     x = np.random.default_rng(2).uniform(-3, 3, (11, 4, 8, 8)).astype(np.float32)  # 11 > batch_max: chunked
     y = engine.run(x)
@@ -298,3 +428,20 @@ def test_parse_failure_carries_tensorrt_messages(tmp_path):
     with pytest.raises(T.EngineBuildError, match="bad.onnx"):
         T.BACKEND.build(path, tmp_path / "bad.plan", EngineConfig(backend="tensorrt", batch_opt=1, batch_max=2))
     assert not (tmp_path / "bad.plan").exists()
+
+
+@pytest.mark.tensorrt
+def test_misaligned_batch_chunks_are_copied_and_match_onnxruntime(tmp_path):
+    import torch
+
+    onnx_path, plan = tmp_path / "m.onnx", tmp_path / "m.plan"
+    _qdq_conv_model(onnx_path, hw=7)  # 4*7*7 float32 = 784 bytes a row: chunks start off 256-byte boundaries
+    cfg = EngineConfig(backend="tensorrt", batch_min=1, batch_opt=4, batch_max=8, workspace_mib=256)
+    T.BACKEND.build(onnx_path, plan, cfg)
+    engine = T.BACKEND.load(plan, cfg)
+    x = np.random.default_rng(3).uniform(-3, 3, (12, 4, 7, 7)).astype(np.float32)
+    xg = torch.from_numpy(x).cuda()
+    assert not T.is_aligned(xg[8:].data_ptr()) and not T.is_aligned(xg[1:].data_ptr())
+    y = engine.run_torch(xg[1:]).float().cpu().numpy()  # chunks at rows 1 and 9 of xg: both misaligned
+    ref = _ort(onnx_path.read_bytes(), x[1:])
+    assert np.abs(y - ref).max() <= 0.02 * np.abs(ref).max()
