@@ -9,9 +9,12 @@ rule                          meaning
 ``input-not-quantized``       a Conv/ConvTranspose/Gemm/MatMul not listed as float lacks a DQ'd activation
 ``weight-not-quantized``      ... or lacks a DQ'd constant weight
 ``weight-axis``               per-channel weight axis: Conv 0, ConvTranspose 1, Gemm 0 (transB=1) / 1,
-                              MatMul 1; ``axis`` must be written and the scale length must match
+                              MatMul rank-1 (the last axis of B); ``axis`` must be written and the
+                              scale length must match
 ``zero-point``                every Q/DQ has an explicit int8 zero point that is all zeros
-``scale``                     every scale is a constant, finite, strictly positive float32
+``scale``                     every scale is a constant, finite, strictly positive float32, float16
+                              or bfloat16 (the FP16-fallback graph of :mod:`qfold.fp16` has float16
+                              scales); a Q of a constant reads it in the scale's own type
 ``per-tensor-activation``     activation (non-constant) Q/DQ have one scale
 ``qdq-in-fusion``             no Q/DQ between Conv/ConvTranspose/BN and a following BN/Relu/Clip
 ``output-quantized``          a Q on a conv/BN/activation output whose DQ feeds no quantized input
@@ -48,13 +51,24 @@ def _name(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
 
 
-def _weight_axis(node: onnx.NodeProto) -> int:
+_SCALE_DTYPES = ("float32", "float16", "bfloat16")  # IQuantizeLayer scale types (NvInfer.h, 10.x and 11.x)
+
+
+def _weight_axis(node: onnx.NodeProto, weight_rank: int | None) -> int:
+    """The output-channel axis of a weighted op's weight input.
+
+    TensorRT quantizes weights per channel along an axis "relative to the input dimensions"
+    (IQuantizeLayer::setAxis, include/NvInfer.h) with a 1-D scale as long as that axis. For
+    MatMul ``A @ B`` the output channels are B's last axis whatever B's rank: ``(K, N)`` -> 1,
+    ``(G, K, N)`` -> 2. Conv ``(K, C, R, S)`` -> 0, ConvTranspose ``(C, K/g, R, S)`` -> 1, Gemm -> 0
+    with ``transB=1`` (PyTorch Linear) else 1.
+    """
     if node.op_type == "ConvTranspose":
         return 1
     if node.op_type == "Gemm":
         return 0 if attr(node, "transB", 0) else 1
     if node.op_type == "MatMul":
-        return 1
+        return (weight_rank or 2) - 1
     return 0
 
 
@@ -84,10 +98,17 @@ def _check_qdq_params(idx: GraphIndex, node: onnx.NodeProto, out: list[Violation
     if scale is None:
         out.append(Violation("scale", n, f"{node.op_type} '{n}' has no constant scale; fold the scale "
                                           "computation into an initializer (qfold.onnx_qdq.normalize_qdq)."))
-    elif scale.dtype != np.float32 or not np.all(np.isfinite(scale)) or np.any(scale <= 0):
-        out.append(Violation("scale", n, f"{node.op_type} '{n}' scale must be finite, > 0 and float32 "
-                                          f"(dtype {scale.dtype}, min {float(np.min(scale)):.3g}); replace amax == 0 "
-                                          "by calib.spec.TINY_AMAX."))
+    elif str(scale.dtype) not in _SCALE_DTYPES or not np.all(np.isfinite(scale.astype(np.float32))) \
+            or np.any(scale.astype(np.float32) <= 0):
+        out.append(Violation("scale", n, f"{node.op_type} '{n}' scale must be finite, > 0 and one of "
+                                          f"{'/'.join(_SCALE_DTYPES)} (dtype {scale.dtype}, min "
+                                          f"{float(np.min(scale.astype(np.float32))):.3g}); replace amax == 0 by "
+                                          "calib.spec.TINY_AMAX."))
+    elif node.op_type == Q and node.input[0] in idx.inits:
+        x = idx.array(node.input[0])
+        if x is not None and x.dtype != scale.dtype:
+            out.append(Violation("scale", n, f"Q '{n}' quantizes a {x.dtype} constant with a {scale.dtype} scale; "
+                                              "TensorRT (strongly typed) needs the same type: convert both."))
     zp = idx.array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     if zp is None or zp.dtype != np.int8 or np.any(zp != 0):
         what = "missing (ONNX then means uint8)" if zp is None else f"{zp.dtype} with values {np.unique(zp)[:4]}"
@@ -117,9 +138,13 @@ def _check_weighted(idx: GraphIndex, node: onnx.NodeProto, float_layers: Collect
     scale = idx.array(wdq.input[1])
     if scale is None or scale.size == 1 or node.op_type == "MatMul" and not idx.is_weight_dq(wdq):
         return  # per-tensor weights are legal
-    want = _weight_axis(node)
-    got = attr(wdq, "axis")
     w = idx.array(wdq.input[0])
+    if w is None and wdq.input[0] in idx.producer:  # DQ(Q(W)) before normalization
+        w = idx.array(idx.producer[wdq.input[0]].input[0])
+    want = _weight_axis(node, None if w is None else w.ndim)
+    got = attr(wdq, "axis")
+    if got is not None and w is not None and got < 0:
+        got += w.ndim  # ONNX allows negative axes
     if got is None:
         out.append(Violation("weight-axis", n, f"weight DQ of '{n}' has no axis attribute (TensorRT assumes 0, "
                                                 f"ONNX 1); write axis={want}."))
