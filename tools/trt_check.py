@@ -17,15 +17,29 @@ What it does:
   3. with TensorRT and CUDA: builds engines from model_qdq.onnx (INT8 with FP32 fallback, INT8 with
      FP16 fallback via ``EngineConfig(fp16_fallback=True)``, and FP16 without Q/DQ as the speed
      baseline), compares their outputs with ONNX Runtime and the fake-quant model, prints each
-     engine's layer precisions (INT8 layer count, float layers) and median latency per batch.
-Human-readable lines go to stderr, one JSON summary to stdout. Without TensorRT (or CUDA) it prints
-"TensorRT not installed", the CPU half, and exits 0. The exit status is 1 when an engine fails to build.
+     engine's layer precisions (INT8 layer count, float layers), writes each engine's inspector
+     JSON (``<engine>.inspector.json``), and its latency per batch measured twice:
+     * in process: input and output preallocated and bound once, CUDA events recorded on the
+       engine's own stream around ``--iters`` back-to-back enqueues (no allocation, no host sync
+       inside), median over ``--repeats`` such runs;
+     * with ``trtexec --loadEngine`` when trtexec is on PATH (the pip wheels do not ship it): its
+       "GPU Compute Time" median.
+Human-readable lines go to stderr, one JSON summary to stdout.
+
+Exit status: 0 verified (every engine built, ran, agreed with the fake-quant model on at least
+``--min-agreement`` of the top-1 predictions for the INT8 engines, which have INT8 layers); 1 an
+engine failed to build or to agree; 2 TensorRT (or a CUDA device) is missing while ``--require-tensorrt`` (the
+default): one line, "TensorRT not installed: not verified", before any work. With
+``--no-require-tensorrt`` and no TensorRT it runs the CPU half and exits 0.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -120,20 +134,53 @@ def compare(y: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> dict[s
     return out
 
 
-def time_engine(engine: T.TensorRTEngine, shape: tuple[int, ...], iters: int) -> float:
-    """Median milliseconds per batch, CUDA events around each run (inputs already on the GPU)."""
-    x = torch.rand(shape, device="cuda")
-    for _ in range(10):
-        engine.run_torch(x)
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        engine.run_torch(x)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return float(np.median(times))
+def time_engine(engine: T.TensorRTEngine, shape: tuple[int, ...], iters: int, repeats: int) -> float:
+    """Median GPU milliseconds per batch: I/O bound once, events on the engine's stream around ``iters`` enqueues."""
+    stream = engine.stream
+    with torch.cuda.stream(stream):
+        x = torch.rand(shape, device="cuda").to(engine.input_dtype)
+        engine.bind(x)  # preallocated, aligned input and output; no allocation inside the timed loop
+        for _ in range(20):  # warm-up
+            engine.enqueue()
+    stream.synchronize()
+    per_batch = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        for _ in range(iters):
+            engine.enqueue()
+        end.record(stream)
+        end.synchronize()
+        per_batch.append(start.elapsed_time(end) / iters)
+    return float(np.median(per_batch))
+
+
+_GPU_COMPUTE = re.compile(r"GPU Compute Time: min = ([0-9.e+-]+) ms, max = ([0-9.e+-]+) ms, mean = ([0-9.e+-]+) ms, "
+                          r"median = ([0-9.e+-]+) ms")
+
+
+def parse_trtexec_gpu_compute(log_text: str) -> dict[str, float] | None:
+    """trtexec's "GPU Compute Time: min = .. ms, max = .. ms, mean = .. ms, median = .. ms" line
+    (samples/common/sampleReporting.cpp, ``printEpilog``) as numbers; None when absent."""
+    m = _GPU_COMPUTE.search(log_text)
+    if m is None:
+        return None
+    return dict(zip(("min_ms", "max_ms", "mean_ms", "median_ms"), map(float, m.groups())))
+
+
+def trtexec_time(plan: Path, input_name: str, shape: tuple[int, ...], log_path: Path) -> dict:
+    """Median GPU compute time per batch from ``trtexec --loadEngine``; says why when trtexec is unavailable."""
+    exe = shutil.which("trtexec")
+    if exe is None:
+        return {"skipped": "trtexec is not on PATH (the TensorRT pip wheels do not ship it)"}
+    cmd = [exe, f"--loadEngine={plan}", f"--shapes={input_name}:{'x'.join(map(str, shape))}",
+           "--warmUp=500", "--duration=3", "--noDataTransfers"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    log_path.write_text(r.stdout + r.stderr)
+    timing = parse_trtexec_gpu_compute(r.stdout + r.stderr)
+    if r.returncode != 0 or timing is None:
+        return {"error": f"trtexec exited {r.returncode} without a GPU Compute Time line; see {log_path}"}
+    return {**timing, "command": " ".join(cmd)}
 
 
 def print_table(title: str, rows: dict[str, dict[str, dict[str, float]]]) -> None:
@@ -175,9 +222,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="resnet", choices=sorted(MODELS), help="built-in example model (default: resnet)")
     ap.add_argument("--out", type=Path, help="folder for the pipeline artifacts and engines (default: a temporary folder)")
     ap.add_argument("--batch", type=int, default=64, help="batch for the latency measurement")
-    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--iters", type=int, default=200, help="enqueues per timed run")
+    ap.add_argument("--repeats", type=int, default=7, help="timed runs; the median is reported")
+    ap.add_argument("--min-agreement", type=float, default=0.97,
+                    help="least top-1 agreement of each engine with the torch fake-quant model (default 0.97)")
+    ap.add_argument("--require-tensorrt", action=argparse.BooleanOptionalAction, default=True,
+                    help="exit 2 at once when TensorRT or CUDA is missing (default); --no-require-tensorrt "
+                         "runs the CPU half instead")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
+    if args.require_tensorrt:
+        try:
+            T.check_available()
+        except T.TensorRTUnavailableError as exc:
+            what = "TensorRT not installed" if "not installed" in str(exc) else "no CUDA device visible"
+            print(f"{what}: not verified", file=sys.stderr)
+            return 2
     out = args.out or Path(tempfile.mkdtemp(prefix="qfold-trt-check-"))
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"torch": torch.__version__, "onnxruntime": ort.__version__, "cuda": torch.cuda.is_available(), "out": str(out)}
@@ -238,42 +298,71 @@ def main(argv: list[str] | None = None) -> int:
         "fp16_no_qdq": (float_path, cfg),
     }
     engines: dict[str, dict] = {}
-    failed = False
+    problems: list[str] = []
+    shape = (args.batch, *x.shape[1:])
     for name, (src, c) in builds.items():
         t0 = time.perf_counter()
+        plan = out / f"{name}.plan"
         try:
-            info = T.BACKEND.build(src, out / f"{name}.plan", c)
-            engine = T.BACKEND.load(out / f"{name}.plan", c)
+            info = T.BACKEND.build(src, plan, c)
+            engine = T.BACKEND.load(plan, c)
         except (ValueError, T.EngineBuildError) as exc:  # e.g. an unsupported fallback on this TensorRT
             log(f"{name}: build failed: {exc}")
             engines[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            failed = True
+            problems.append(f"{name} did not build")
             continue
+        (out / f"{name}.inspector.json").write_text(engine.engine_information(args.batch))
         y = engine.run(x)
         trt_refs = {**refs, "ort_int8_kernels": cpu_out["ort_int8_kernels"]}
         engines[name] = {
             "build_s": round(time.perf_counter() - t0, 2),
             "layers": info.extra["layers"],
+            "tf32": info.extra.get("tf32"),
             "vs": {ref: compare(y, r, labels) for ref, r in trt_refs.items()},
-            "ms_per_batch": time_engine(engine, (args.batch, *x.shape[1:]), args.iters),
+            "ms_per_batch": time_engine(engine, shape, args.iters, args.repeats),
+            "trtexec": trtexec_time(plan, engine.input_name, shape, out / f"{name}.trtexec.log"),
         }
+        layers = engines[name]["layers"]
+        if "error" in layers:
+            problems.append(f"{name}: no layer summary ({layers['error']})")
+        elif name.startswith("int8") and layers.get("int8", 0) < 1:
+            problems.append(f"{name} has no INT8 layer")
+        agree = engines[name]["vs"].get("torch_fake_quant", {}).get("top1_agreement")
+        if name.startswith("int8") and agree is not None and not agree >= args.min_agreement:
+            problems.append(f"{name} agrees with the fake-quant model on {agree:.4f} < {args.min_agreement} of top-1")
     report["tensorrt"]["engines"] = engines
     ok = {k: e for k, e in engines.items() if "error" not in e}
     print_table(f"TensorRT engine ({report['tensorrt']['gpu']})", {k: e["vs"] for k, e in ok.items()})
-    log(f"\n| engine (TensorRT {tensorrt.__version__}, batch {args.batch}) | INT8 layers | float layers (FP16/FP32) | ms/batch |")
-    log("|---|---|---|---|")
+    log(f"\n| engine (TensorRT {tensorrt.__version__}, batch {args.batch}) | INT8 layers | float layers (FP16/FP32) "
+        f"| ms/batch, events on the engine stream ({args.iters} enqueues, median of {args.repeats}) "
+        "| ms/batch, trtexec GPU compute median |")
+    log("|---|---|---|---|---|")
     for name, e in ok.items():
         lp = e["layers"]
-        log(f"| {name} | {lp['int8']} | {len(lp['float_layers'])} ({lp['fp16']}/{lp['fp32']}) | {e['ms_per_batch']:.3f} |")
+        te = e["trtexec"]
+        te_text = f"{te['median_ms']:.3f}" if "median_ms" in te else te.get("skipped") or te.get("error", "-")
+        if "error" in lp:
+            log(f"| {name} | ? | ? | {e['ms_per_batch']:.3f} | {te_text} |")
+            continue
+        log(f"| {name} | {lp['int8']} | {len(lp['float_layers'])} ({lp['fp16']}/{lp['fp32']}) | "
+            f"{e['ms_per_batch']:.3f} | {te_text} |")
     for name, e in ok.items():
-        log(f"{name} float layers: {', '.join(e['layers']['float_layers']) or '(none)'}")
+        if "error" not in e["layers"]:
+            log(f"{name} float layers: {', '.join(e['layers']['float_layers']) or '(none)'}")
     base = ok.get("fp16_no_qdq", {}).get("ms_per_batch")
     if base:
         report["tensorrt"]["speedup_vs_fp16"] = {k: round(base / e["ms_per_batch"], 3) for k, e in ok.items() if k != "fp16_no_qdq"}
         log(f"speed-up vs FP16 (no Q/DQ): {report['tensorrt']['speedup_vs_fp16']}")
+    report["problems"] = problems
+    report["verified"] = not problems
     report["wall_s"] = round(time.perf_counter() - t_start, 2)
     print(json.dumps(report, indent=2, sort_keys=True))
-    return 1 if failed else 0
+    if problems:
+        log("NOT VERIFIED: " + "; ".join(problems))
+        return 1
+    log(f"VERIFIED: INT8 and FP16 engines built with TensorRT {tensorrt.__version__}, run, compared with the "
+        "fake-quant model, latencies above")
+    return 0
 
 
 if __name__ == "__main__":

@@ -258,15 +258,25 @@ class TensorRTEngine:
         stream.synchronize()
         return out
 
-    def layer_precisions(self, batch: int | None = None) -> LayerPrecisions:
-        """The inspector's per-layer precisions at ``batch`` (default: the profile's max)."""
+    def engine_information(self, batch: int | None = None) -> str:
+        """The engine inspector's JSON (``LayerInformationFormat.JSON``) at ``batch`` (default: the profile's max)."""
         shape = list(self._engine.get_tensor_shape(self._in))
         if shape[0] < 0:
             shape[0] = batch or self._max_batch
-        self._context.set_input_shape(self._in, tuple(shape))
+        if not self._context.set_input_shape(self._in, tuple(shape)):
+            raise ValueError(f"TensorRT rejected input shape {tuple(shape)} for '{self._in}'")
         inspector = self._engine.create_engine_inspector()
         inspector.execution_context = self._context
-        return summarize_layers(inspector.get_engine_information(self._trt.LayerInformationFormat.JSON))
+        return str(inspector.get_engine_information(self._trt.LayerInformationFormat.JSON))
+
+    def layer_precisions(self, batch: int | None = None) -> LayerPrecisions:
+        """The inspector's per-layer precisions at ``batch`` (default: the profile's max)."""
+        return summarize_layers(self.engine_information(batch))
+
+    @property
+    def input_name(self) -> str:
+        """The name of the engine's one input tensor."""
+        return self._in
 
 
 class TensorRTBackend:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -445,3 +446,36 @@ def test_misaligned_batch_chunks_are_copied_and_match_onnxruntime(tmp_path):
     y = engine.run_torch(xg[1:]).float().cpu().numpy()  # chunks at rows 1 and 9 of xg: both misaligned
     ref = _ort(onnx_path.read_bytes(), x[1:])
     assert np.abs(y - ref).max() <= 0.02 * np.abs(ref).max()
+
+
+# ----------------------------------------------------------------------------- the GPU check script
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None,
+                    reason="an NVIDIA driver is present: the script would install packages and run the full GPU check")
+def test_gpu_check_without_a_gpu_fails_with_one_line_before_installing_anything(tmp_path):
+    import subprocess
+
+    root = Path(__file__).parents[2]
+    for args, phrase in ((["--require-tensorrt"], "TensorRT not verified"), ([], "TensorRT not verified"),
+                         (["--no-require-tensorrt"], "nothing to check")):
+        out = tmp_path / "-".join(args or ["default"])
+        r = subprocess.run(["bash", str(root / "tools" / "gpu_check.sh"), *args, str(out)], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and r.stdout == ""
+        assert r.stderr.strip().splitlines() == [f"no NVIDIA GPU (nvidia-smi missing or failing): {phrase}"]
+        assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log"]  # no pip log: nothing was installed
+
+
+def test_trtexec_gpu_compute_line_is_parsed():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trt_check", Path(__file__).parents[2] / "tools" / "trt_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # the line as samples/common/sampleReporting.cpp (printEpilog) prints it, behind trtexec's log prefix
+    log = ("[12/01/2026-15:00:00] [I] Enqueue Time: min = 0.01 ms, max = 0.2 ms, mean = 0.02 ms, median = 0.02 ms\n"
+           "[12/01/2026-15:00:00] [I] GPU Compute Time: min = 0.412 ms, max = 0.61 ms, mean = 0.4305 ms, "
+           "median = 0.4281 ms, percentile(90%) = 0.44 ms, percentile(95%) = 0.45 ms, percentile(99%) = 0.5 ms\n")
+    assert mod.parse_trtexec_gpu_compute(log) == {"min_ms": 0.412, "max_ms": 0.61, "mean_ms": 0.4305, "median_ms": 0.4281}
+    assert mod.parse_trtexec_gpu_compute("[I] Latency: min = 1 ms, max = 2 ms, mean = 1 ms, median = 1 ms") is None
