@@ -14,7 +14,8 @@ rule                          meaning
 ``zero-point``                every Q/DQ has an explicit int8 zero point that is all zeros
 ``scale``                     every scale is a constant, finite, strictly positive float32, float16
                               or bfloat16 (the FP16-fallback graph of :mod:`qfold.fp16` has float16
-                              scales); a Q of a constant reads it in the scale's own type
+                              scales); a float16/bfloat16 scale of a Q of a constant has the
+                              constant's type
 ``per-tensor-activation``     activation (non-constant) Q/DQ have one scale
 ``qdq-in-fusion``             no Q/DQ between Conv/ConvTranspose/BN and a following BN/Relu/Clip
 ``output-quantized``          a Q on a conv/BN/activation output whose DQ feeds no quantized input
@@ -104,7 +105,9 @@ def _check_qdq_params(idx: GraphIndex, node: onnx.NodeProto, out: list[Violation
                                           f"{'/'.join(_SCALE_DTYPES)} (dtype {scale.dtype}, min "
                                           f"{float(np.min(scale.astype(np.float32))):.3g}); replace amax == 0 by "
                                           "calib.spec.TINY_AMAX."))
-    elif node.op_type == Q and node.input[0] in idx.inits:
+    elif node.op_type == Q and node.input[0] in idx.inits and str(scale.dtype) != "float32":
+        # "For strongly typed networks, if the scale data type is kHALF or kBF16, it must match the
+        # input data type" (IQuantizeLayer, include/NvInfer.h, NVIDIA/TensorRT main = 11.1)
         x = idx.array(node.input[0])
         if x is not None and x.dtype != scale.dtype:
             out.append(Violation("scale", n, f"Q '{n}' quantizes a {x.dtype} constant with a {scale.dtype} scale; "

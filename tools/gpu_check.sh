@@ -4,7 +4,7 @@
 #   bash tools/gpu_check.sh [--require-tensorrt | --no-require-tensorrt] [--skip-suite] [OUT_DIR]
 #
 # 1. needs nvidia-smi (an NVIDIA driver); otherwise one line and exit 2, before installing anything;
-# 2. installs the project with its test extras (pip install -e ".[test]");
+# 2. installs the project with its test extras (pip install -e ".[test]") when any is missing;
 # 3. when `import tensorrt` fails and NVIDIA's index (https://pypi.nvidia.com) is reachable, installs
 #    the TensorRT wheel for torch's CUDA major and the driver (tensorrt-cu12 or tensorrt-cu13, chosen
 #    by `python -m qfold.engine.trt_install`);
@@ -49,11 +49,14 @@ if ! command -v nvidia-smi > /dev/null 2>&1 || ! nvidia-smi > "$out/nvidia-smi.t
   fail "no NVIDIA GPU (nvidia-smi missing or failing): nothing to check" 2
 fi
 
-# 2. the project and its test extras
-if ! "$PY" -m pip install -e ".[test]" > "$out/pip_project.log" 2>&1; then
-  note "pip install -e .[test] failed (see pip_project.log); checking that the checkout imports as is"
-  "$PY" -c "import torch, onnx, onnxruntime, pytest, hypothesis, sklearn, mlxtend, qfold, calib" >> "$logf" 2>&1 \
-    || fail "could not install qfold's test dependencies (see $out/pip_project.log)"
+# 2. the project and its test extras (installed only when something is missing; tests needing mlxtend
+#    or onnxscript skip with the reason when those optional extras cannot be installed)
+needed="import torch, onnx, onnxruntime, numpy, pytest, hypothesis, sklearn, qfold, calib"
+if ! "$PY" -c "$needed" >> "$logf" 2>&1 || ! "$PY" -c "import mlxtend, onnxscript" > /dev/null 2>&1; then
+  if ! "$PY" -m pip install --retries 1 --timeout 20 -e ".[test]" > "$out/pip_project.log" 2>&1; then
+    note "pip install -e .[test] failed (see pip_project.log); using the checkout as it is"
+  fi
+  "$PY" -c "$needed" >> "$logf" 2>&1 || fail "could not install qfold's test dependencies (see $out/pip_project.log)"
 fi
 
 # 3. TensorRT: the wheel for torch's CUDA major, from NVIDIA's index when it is reachable
@@ -62,7 +65,8 @@ if ! have_trt; then
   if "$PY" -c "import urllib.request as u; u.urlopen('$NVIDIA_INDEX/', timeout=15)" >> "$logf" 2>&1; then
     if wheel=$("$PY" -m qfold.engine.trt_install 2>> "$logf"); then
       note "installing $wheel from $NVIDIA_INDEX"
-      "$PY" -m pip install "$wheel" --extra-index-url "$NVIDIA_INDEX" > "$out/pip_tensorrt.log" 2>&1 \
+      "$PY" -m pip install --retries 1 --timeout 60 "$wheel" --extra-index-url "$NVIDIA_INDEX" \
+        > "$out/pip_tensorrt.log" 2>&1 \
         || note "pip install $wheel failed (see pip_tensorrt.log)"
     fi
   else
