@@ -308,6 +308,21 @@ def test_require_backend_refuses_tensorrt_without_it_and_accepts_onnxruntime():
 
 
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here, so the missing-package path cannot run")
+def test_run_ptq_checks_the_backend_before_any_work(tmp_path):
+    import torch
+
+    from qfold.config import PTQConfig
+    from qfold.engine import BackendUnavailableError
+    from qfold.pipeline import run_ptq
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU()).eval()
+    cfg = PTQConfig().replace(engine={"backend": "tensorrt"})
+    with pytest.raises(BackendUnavailableError, match="--backend onnxruntime"):
+        run_ptq(model, torch.randn(4, 1, 8, 8), config=cfg, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here, so the missing-package path cannot run")
 def test_cli_ptq_with_tensorrt_missing_exits_2_before_any_work(tmp_path):
     import subprocess
     import sys
