@@ -97,6 +97,7 @@ __all__ = [
     "write_engine",
 ]
 
+
 class TensorRTUnavailableError(BackendUnavailableError):
     """TensorRT or a CUDA device is missing; the message says how to install or what to use instead."""
 

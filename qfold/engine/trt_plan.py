@@ -5,8 +5,9 @@ Build planning for the installed TensorRT version (:func:`plan_build`, :class:`B
 :func:`batch_slices`), parser error messages (:func:`format_parser_errors`), the engine
 inspector's per-layer precisions on TensorRT 10.x and 11.x (:func:`summarize_layers`,
 :class:`LayerPrecisions`), 256-byte aligned tensor addresses (:func:`is_aligned`,
-:func:`aligned_tensor`, :func:`aligned_empty`; these import torch lazily), and the engine files and metadata (paths, sha256, atomic write/read, compatibility check, the ONNX bytes
-to parse). This module never imports ``tensorrt``; :mod:`qfold.engine.trt` re-exports all of it.
+:func:`aligned_tensor`, :func:`aligned_empty`; these import torch lazily), and the engine files
+and metadata (paths, sha256, atomic write/read, compatibility check, the ONNX bytes to parse).
+This module never imports ``tensorrt``; :mod:`qfold.engine.trt` re-exports all of it.
 """
 from __future__ import annotations
 
