@@ -18,6 +18,8 @@ from qfold import config as cfgmod
 from qfold.engine import BackendUnavailableError, require_backend
 
 EXIT_BUDGET = 3
+_CPU_TARGET_HELP = ("ONNX Runtime CPU rendering: auto (this CPU, default), vnni (fast, exact with VNNI/AMX), "
+                    "portable (exact on every CPU), arm64")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -44,6 +46,7 @@ def _add_option_args(p: argparse.ArgumentParser) -> None:
                    help="keep matching layers in float: glob on the name, 're:<regex>' or 'type:<Class>' (repeatable)")
     g.add_argument("--opset", type=int, help="ONNX opset (>= 13, default 17)")
     g.add_argument("--backend", choices=cfgmod.BACKENDS, help="engine backend (default: onnxruntime)")
+    g.add_argument("--cpu-target", choices=cfgmod.CPU_TARGETS, help=_CPU_TARGET_HELP)
     g.add_argument("--max-drop", type=float, metavar="PP", help="exit non-zero when the engine's top-1 drop exceeds PP points")
 
 
@@ -63,6 +66,7 @@ def _config(args: argparse.Namespace) -> cfgmod.PTQConfig:
     put("export", "keep_float", getattr(args, "keep_float", None))
     put("export", "opset", getattr(args, "opset", None))
     put("engine", "backend", getattr(args, "backend", None))
+    put("engine", "cpu_target", getattr(args, "cpu_target", None))
     put("eval", "max_drop_pp", getattr(args, "max_drop", None))
     cfg = base.replace(**over) if over else base
     if getattr(args, "no_progress", False):
@@ -197,11 +201,23 @@ def cmd_build(args: argparse.Namespace) -> int:
         calib_x, _ = sources.load_data(args.calib_data)
     engine = build_engine_stage(onnx_path, Path(args.out), cfg, calib_x)
     print(f"built {engine.info.engine_path} ({engine.info.backend})")
+    _print_self_check(engine.info.extra)
     left = engine.info.extra.get("float_for_lack_of_amax") or []
     if left:
         print(f"note: {len(left)} tensor(s) the ONNX Runtime rendering would quantize had no amax, so their layers run in "
               "float (slower, not less accurate); pass --calib-data to calibrate them", file=sys.stderr)
     return 0
+
+
+def _print_self_check(extra: dict) -> None:
+    if "cpu_target" not in extra:
+        return
+    check = extra.get("self_check")
+    print(f"cpu target: {extra['cpu_target']} (built on {extra['built_on_cpu']['describe']})")
+    if check is None:
+        print("note: no engine self-check ran (no calibration data); pass --calib-data to run it", file=sys.stderr)
+    else:
+        print(f"self-check passed: max error {check['max_err_steps']:.2f} output steps vs fake-quant, SQNR {check['sqnr_db']:.2f} dB")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -214,7 +230,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, calib_x, eval_x, eval_y = _load(args)
     x = calib_x if eval_x is None else eval_x
     backend = get_backend(cfg.engine.backend)
-    engine = backend.load(Path(args.engine), EngineConfig(backend=cfg.engine.backend, device=cfg.engine.device))
+    engine = backend.load(Path(args.engine), EngineConfig(backend=cfg.engine.backend, device=cfg.engine.device,
+                                                          cpu_target=cfg.engine.cpu_target))
     bs = cfg.eval.batch_size
     ref = ev.run_logits(model, x, bs, cfg.progress, "FP32")
     report = ev.AccuracyReport(reference=ev.reference_metrics(ref, eval_y))
@@ -224,6 +241,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report.stages["engine"] = ev.stage_metrics(ref, out, eval_y)
     report.save(Path(args.out), stem="engine_accuracy")
     print(report.to_markdown())
+    if hasattr(engine, "check"):  # ONNX Runtime: the build's self-check, on this CPU
+        from qfold.pipeline import SELF_CHECK_SAMPLES
+        from qfold.sources import batches
+
+        check = engine.check(b.numpy() for b in batches(calib_x[:SELF_CHECK_SAMPLES], cfg.calib.batch_size))
+        atomic_write_text(Path(args.out) / "engine_check.json", json.dumps(check.to_dict(), indent=2, sort_keys=True) + "\n")
+        print(f"engine self-check on this CPU ({engine.cpu.describe()}, runs as '{engine.running_as}'): "
+              f"{'passed' if check.passed else 'FAILED'}; {check.summary()}", file=sys.stdout if check.passed else sys.stderr)
     drop = report.drop_pp("engine")
     if cfg.eval.max_drop_pp is not None and drop is not None and drop > cfg.eval.max_drop_pp:
         print(f"qfold: engine top-1 drop {drop:.2f} pp exceeds the budget of {cfg.eval.max_drop_pp:.2f} pp", file=sys.stderr)
@@ -251,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default="qfold-out")
             p.add_argument("--config")
             p.add_argument("--backend", choices=cfgmod.BACKENDS)
+            p.add_argument("--cpu-target", choices=cfgmod.CPU_TARGETS, help=_CPU_TARGET_HELP)
             p.add_argument("--calib-data", help="calibration data for the tensors only the ONNX Runtime rendering quantizes")
         else:
             _add_model_args(p)

@@ -14,6 +14,7 @@ from typing import Any
 CALIB_METHODS = ("max", "percentile", "entropy", "mse")
 BOUND_MODES = ("preserve", "swap", "off")
 BACKENDS = ("onnxruntime", "tensorrt")
+CPU_TARGETS = ("auto", "vnni", "portable", "arm64")  # qfold.engine.cpu.TARGET_CHOICES (docs/cpu-int8-targets.md)
 
 
 @dataclass(frozen=True)
@@ -80,15 +81,18 @@ class ExportSection:
 
 @dataclass(frozen=True)
 class EngineSection:
-    """Step 5: the engine backend."""
+    """Step 5: the engine backend; ``cpu_target`` is the ONNX Runtime CPU rendering (``auto``: this CPU)."""
 
     backend: str = "onnxruntime"
     device: str = "cpu"
     fp16_fallback: bool = False
+    cpu_target: str = "auto"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"engine.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.cpu_target not in CPU_TARGETS:
+            raise ValueError(f"engine.cpu_target must be one of {CPU_TARGETS}, got {self.cpu_target!r}")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,9 @@ Pure ``onnx.ModelProto -> onnx.ModelProto`` passes (no I/O, no inference). Why e
    Transpose, Concat of equal scales...): exact, and it lets ORT run those ops on uint8.
 5. Weighted layers ORT will not fuse (ConvTranspose, convs left float) get their weight DQ folded
    into a float32 initializer (``(q - zp) * s``, what the DQ computes) so no DQ runs per inference.
+6. The CPU target (:mod:`qfold.onnx_ort_target`): x86 without VNNI saturates ORT's u8 x s8 kernels, so
+   the ``portable`` target stores weights as uint8 ``w + 128`` / zero point 128 (bit-identical, exact
+   u8 x u8 kernels); ``vnni`` and ``arm64`` keep int8 weights (the fast kernels, exact there).
 """
 from __future__ import annotations
 
@@ -42,6 +45,8 @@ from qfold._onnx_graph import (
     replace_initializer,
     unique_name,
 )
+from qfold.engine.cpu import resolve_target
+from qfold.onnx_ort_target import render_weights_for_target
 
 
 @dataclass(frozen=True)
@@ -352,7 +357,7 @@ def _bias_to_int32_and_fold_unfused(model: onnx.ModelProto, taken: set[str], ren
 
 
 def render_for_ort(model: onnx.ModelProto, extra_amax: Mapping[str, float] | None = None,
-                   rendering: OrtRendering = OrtRendering()) -> onnx.ModelProto:
+                   rendering: OrtRendering = OrtRendering(), target: str = "auto") -> onnx.ModelProto:
     """The ONNX Runtime rendering of a normalized TensorRT-profile Q/DQ model (a new model).
 
     Args:
@@ -360,6 +365,9 @@ def render_for_ort(model: onnx.ModelProto, extra_amax: Mapping[str, float] | Non
         extra_amax: amax per tensor named by :func:`tensors_needing_amax_for_ort`; tensors without
             one stay float (their conv/Add then runs in float, correct but slower).
         rendering: which steps to apply (ablations); the default applies all.
+        target: the CPU class (``vnni``, ``portable``, ``arm64``) whose kernels must compute the graph
+            exactly; ``auto`` (the only input that is not pure) is the CPU this runs on
+            (:func:`qfold.engine.ort_cpu.detect_cpu`).
 
     Bit-identical to the TensorRT profile except for the extra Q/DQ of ``extra_amax`` and the int32
     rounding of biases (``|error| <= s_x * s_w / 2``), see the module docstring.
@@ -385,4 +393,8 @@ def render_for_ort(model: onnx.ModelProto, extra_amax: Mapping[str, float] | Non
         _to_uint8(m, tops, taken)
     _bias_to_int32_and_fold_unfused(m, taken, rendering)
     remove_dead(m)
-    return m
+    if target == "auto":
+        from qfold.engine.ort_cpu import detect_cpu  # the one impure input: the CPU this runs on
+
+        target = resolve_target(target, detect_cpu())
+    return render_weights_for_target(m, resolve_target(target))

@@ -5,6 +5,7 @@ model (they are the stages the accuracy report compares) and writes the artifact
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,10 @@ from qfold.graph import is_eval, trace
 from qfold.quant import QuantPlan, plan_quantization, prepare_fake_quant
 from qfold.quant.prepare import act_quantizers, quant_layers, quantization_disabled, quantizer_name
 from qfold.sources import batches
+
+
+#: calibration inputs the engine self-check runs after an ONNX Runtime build.
+SELF_CHECK_SAMPLES = 256
 
 
 class QualityGateError(RuntimeError):
@@ -236,12 +241,14 @@ def build_engine_stage(onnx_path: Path, out: Path, config: PTQConfig, calib_x: t
     For ONNX Runtime, the tensors its int8 rendering quantizes beyond the TensorRT profile (conv
     outputs on residual branches) are calibrated on ``calib_x`` with ``max``: TensorRT keeps them
     in float, so the rendering should clip nothing there. Without calibration data those layers
-    stay in float.
+    stay in float. The first ``SELF_CHECK_SAMPLES`` calibration inputs are the build's self-check
+    (:mod:`qfold.engine.ort_check`): the engine must compute the fake-quant model on this CPU.
     """
     from qfold.engine import get_backend
     from qfold.engine.base import EngineConfig
 
-    ecfg = EngineConfig(backend=config.engine.backend, device=config.engine.device, fp16_fallback=config.engine.fp16_fallback)
+    ecfg = EngineConfig(backend=config.engine.backend, device=config.engine.device, fp16_fallback=config.engine.fp16_fallback,
+                        cpu_target=config.engine.cpu_target)
     backend = get_backend(ecfg.backend)
     suffix = {"onnxruntime": ".ort.onnx", "tensorrt": ".plan"}[ecfg.backend]
     engine_path = out / f"engine{suffix}"
@@ -252,10 +259,11 @@ def build_engine_stage(onnx_path: Path, out: Path, config: PTQConfig, calib_x: t
         qdq = onnx.load(str(onnx_path))
         data = (b.numpy() for b in batches(calib_x, config.calib.batch_size))
         extra = ort_calibrate(qdq, tensors_needing_amax_for_ort(qdq), data, "max", num_bins=config.calib.num_bins)
-        backend.build(onnx_path, engine_path, ecfg, extra_amax=extra)
+        check = [b.numpy() for b in batches(calib_x[:SELF_CHECK_SAMPLES], config.calib.batch_size)]
+        backend.build(onnx_path, engine_path, ecfg, extra_amax=extra, check_data=check)  # self-check vs fake-quant
     else:
         backend.build(onnx_path, engine_path, ecfg)
-    return backend.load(engine_path, ecfg)
+    return backend.load(engine_path, dataclasses.replace(ecfg, cpu_target="auto"))  # evaluate what this CPU computes
 
 
 def _layer_inputs(plan: QuantPlan, fq: fx.GraphModule) -> dict[str, str]:

@@ -128,6 +128,10 @@ def ort_session(path: Path, threads: int, optimized_path: Path | None = None):
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.log_severity_level = 3
+    from qfold.engine.ort_cpu import u8s8_saturates
+
+    if u8s8_saturates():  # ORT's documented remedy for its saturating u8 x s8 kernels (no VNNI): u8 x u8
+        so.add_session_config_entry("session.x64quantprecision", "1")
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

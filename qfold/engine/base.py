@@ -29,6 +29,11 @@ class EngineConfig:
         batch_min, batch_opt, batch_max: dynamic-batch optimization profile (TensorRT).
         workspace_mib: TensorRT workspace memory-pool limit.
         fp16_fallback: run unquantized layers in FP16 (TensorRT; converts the ONNX).
+        cpu_target: ONNX Runtime CPU rendering (:mod:`qfold.engine.cpu`). Building: ``auto`` (the
+            CPU building it), ``vnni``, ``portable`` or ``arm64``. Loading: ``auto`` runs the engine
+            exactly on this CPU (re-rendering in memory, with a warning, if it was built for
+            another class), ``portable`` always runs u8 x u8, ``vnni``/``arm64`` run the file as
+            rendered and refuse a CPU that would not compute it exactly.
     """
 
     backend: str = "onnxruntime"
@@ -39,6 +44,7 @@ class EngineConfig:
     batch_max: int = 256
     workspace_mib: int = 1024
     fp16_fallback: bool = False
+    cpu_target: str = "auto"
 
 
 @dataclass

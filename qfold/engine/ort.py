@@ -5,13 +5,22 @@
 ``<engine>.onnx`` and ``<engine>.onnx.json`` atomically. ``load`` opens an ``InferenceSession`` on
 the CPU provider by default; ``device="cuda"`` asks for the TensorRT and CUDA providers (in that
 order) when this onnxruntime has them, and errors clearly when it has neither.
+
+CPU targets (docs/cpu-int8-targets.md): the rendering is made for a CPU class (``vnni``,
+``portable``, ``arm64``; ``auto`` = the building CPU) and the class is recorded in the metadata.
+Given calibration batches, ``build`` runs the engine against the Q/DQ ONNX's float semantics (the
+fake-quant model) on this CPU and writes nothing when it deviates (:mod:`qfold.engine.ort_check`).
+``load`` never runs int8 weights on a CPU whose kernels would saturate: with ``cpu_target="auto"``
+it re-renders the engine in memory for ``portable`` (an exact pass) and warns; with an explicit
+``vnni``/``arm64`` it refuses.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +28,10 @@ import onnx
 
 from calib.atomic import atomic_write_bytes, atomic_write_text
 from qfold.engine.base import EngineConfig, EngineInfo
+from qfold.engine.cpu import TARGET_CHOICES, CpuInfo, exact_on, resolve_target
+from qfold.engine.ort_cpu import detect_cpu
+from qfold.engine.ort_check import CheckResult, EngineCheckError, compare
+from qfold.onnx_ort_target import int16_pair_sum_risks, weight_types, weights_to_uint8
 from qfold.onnx_qdq import OrtRendering, render_for_ort, tensors_needing_amax_for_ort
 
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -45,12 +58,50 @@ def providers_for(device: str) -> list[str]:
     return gpu + ["CPUExecutionProvider"]
 
 
-def _session_options(config: EngineConfig):
+def _session_options(config: EngineConfig, optimize: bool = True):
     so = _ort().SessionOptions()
-    so.graph_optimization_level = _ort().GraphOptimizationLevel.ORT_ENABLE_ALL
+    level = _ort().GraphOptimizationLevel
+    so.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
     if config.intra_op_threads:
         so.intra_op_num_threads = config.intra_op_threads
     return so
+
+
+def engine_target(model: onnx.ModelProto, recorded: str | None = None) -> str:
+    """The CPU target an engine graph was rendered for: the recorded one, else read off the graph
+    (uint8 weights: ``portable``; int8 weights: ``vnni``, whose graph ``arm64`` shares)."""
+    if recorded is not None:
+        return recorded
+    return "vnni" if "int8" in weight_types(model) else "portable"
+
+
+def for_this_cpu(model: onnx.ModelProto, target: str, requested: str = "auto",
+                 cpu: CpuInfo | None = None) -> tuple[onnx.ModelProto, str | None]:
+    """The engine graph to run on ``cpu`` (default: this one) and a warning, or None.
+
+    ``requested`` is :attr:`EngineConfig.cpu_target` at load time (see there). Raises RuntimeError
+    naming both CPUs and the fix when an explicit ``vnni``/``arm64`` cannot run exactly here.
+    """
+    if requested not in TARGET_CHOICES:
+        raise ValueError(f"cpu_target must be one of {', '.join(TARGET_CHOICES)}, got {requested!r}.")
+    cpu = cpu or detect_cpu()
+    if requested == "portable" or (requested == "auto" and not exact_on(target, cpu)):
+        if target == "portable":
+            return model, None
+        note = None
+        if requested == "auto":
+            note = (f"this engine was rendered for '{target}' CPUs (int8 weights), but this CPU is {cpu.describe()}, "
+                    "whose u8 x s8 int8 kernels saturate int16 pair sums; running it re-rendered in memory for "
+                    "'portable' (uint8 weights, bit-identical, exact here, slower than on a VNNI CPU). To skip this "
+                    "step, build the engine with --cpu-target portable (EngineConfig(cpu_target='portable')) or "
+                    "on a CPU of this class.")
+        return weights_to_uint8(model), note
+    if requested != "auto" and not exact_on(target, cpu):
+        raise RuntimeError(
+            f"cpu_target={requested!r}: this engine ('{target}' rendering, int8 weights) would saturate on this CPU "
+            f"({cpu.describe()}): its u8 x s8 int8 kernels add pairs of products into int16. Load it with "
+            "cpu_target='auto' or 'portable' (exact re-rendering in memory), or rebuild with --cpu-target portable.")
+    return model, None
 
 
 def ort_max_amax(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[np.ndarray]) -> dict[str, float]:
@@ -94,12 +145,27 @@ def ort_calibrate(model: onnx.ModelProto, tensors: Iterable[str], batches: Itera
 
 
 class OrtEngine:
-    """A loaded ONNX Runtime engine: ``run(x)`` takes and returns float32 numpy arrays."""
+    """A loaded ONNX Runtime engine: ``run(x)`` takes and returns float32 numpy arrays.
 
-    def __init__(self, engine_path: Path, info: EngineInfo, config: EngineConfig) -> None:
+    Attributes:
+        info: the metadata.
+        target: the CPU target of the engine file; ``running_as`` the one this session runs
+            (``portable`` after an in-memory re-rendering).
+        cpu: the CPU it runs on.
+    """
+
+    def __init__(self, model: onnx.ModelProto, info: EngineInfo, config: EngineConfig) -> None:
         ort = _ort()
         self.info = info
-        self.session = ort.InferenceSession(str(engine_path), _session_options(config),
+        self.cpu = detect_cpu()
+        self.target = engine_target(model, info.extra.get("cpu_target"))
+        runnable, note = for_this_cpu(model, self.target, config.cpu_target, self.cpu)
+        if note:
+            warnings.warn(note, RuntimeWarning, stacklevel=3)
+        self.running_as = self.target if runnable is model else "portable"
+        self._graph = model
+        self._config = config
+        self.session = ort.InferenceSession(runnable.SerializeToString(), _session_options(config),
                                             providers=providers_for(config.device))
         self._input = self.session.get_inputs()[0].name
 
@@ -112,6 +178,15 @@ class OrtEngine:
             x = x.astype(np.float32)
         return np.asarray(self.session.run(None, {self._input: np.ascontiguousarray(x)})[0], dtype=np.float32)
 
+    def check(self, batches: Iterable[np.ndarray], reference: onnx.ModelProto | None = None) -> CheckResult | None:
+        """This engine on this CPU vs ``reference`` (default: its own graph) with optimizations off,
+        i.e. vs the fake-quant semantics of the graph (:mod:`qfold.engine.ort_check`)."""
+        ref = _ort().InferenceSession((reference or self._graph).SerializeToString(),
+                                      _session_options(self._config, optimize=False), providers=["CPUExecutionProvider"])
+        name = ref.get_inputs()[0].name
+        return compare(self.run, lambda x: ref.run(None, {name: x})[0], batches,
+                       reference_name="engine-graph" if reference is None else "qdq-onnx")
+
 
 class OrtBackend:
     """Backend "onnxruntime" (see :class:`qfold.engine.base.Backend`)."""
@@ -120,23 +195,47 @@ class OrtBackend:
 
     def build(self, onnx_path: Path, engine_path: Path, config: EngineConfig | None = None,
               extra_amax: Mapping[str, float] | None = None,
-              rendering: OrtRendering | None = None) -> EngineInfo:
+              rendering: OrtRendering | None = None,
+              check_data: Iterable[np.ndarray] | None = None) -> EngineInfo:
         """Render ``onnx_path`` for ORT and write ``engine_path`` + ``engine_path``.json atomically.
 
         ``extra_amax``: amax for :func:`qfold.onnx_qdq.tensors_needing_amax_for_ort`; tensors
         without one stay float and are listed in the metadata under ``extra.float_for_lack_of_amax``.
+        ``config.cpu_target`` picks the CPU rendering (``auto``: this CPU's class).
+        ``check_data``: a few calibration batches; the engine, run on this CPU as ``load`` runs it,
+        must stay within :data:`qfold.engine.ort_check.TOLERANCE_STEPS` output steps of the Q/DQ
+        ONNX's fake-quant semantics, else :class:`EngineCheckError` and nothing is written.
         """
         ort = _ort()
         config, rendering = config or EngineConfig(), rendering or OrtRendering()
         onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+        resolve_target(config.cpu_target, CpuInfo("", frozenset()))  # a bad name errors before any work
         if not onnx_path.is_file():
             raise FileNotFoundError(f"ONNX model {onnx_path} does not exist; run `qfold export` first.")
         providers = providers_for(config.device)
         src = onnx_path.read_bytes()
         model = onnx.load_from_string(src)
         needed = tensors_needing_amax_for_ort(model)
-        rendered = render_for_ort(model, extra_amax, rendering)
+        cpu = detect_cpu()
+        target = resolve_target(config.cpu_target, cpu)
+        rendered = render_for_ort(model, extra_amax, rendering, target)
+        risks = int16_pair_sum_risks(rendered, target)
+        if risks:  # the rendering guarantees none; a failure here is a bug, never a silent engine
+            raise RuntimeError(f"the '{target}' rendering has int8 weights that can saturate int16 pair sums: {risks[:3]}")
         data = rendered.SerializeToString(deterministic=True)
+        check = None
+        if check_data is not None:
+            with warnings.catch_warnings():  # a foreign target runs re-rendered here, as load would run it
+                warnings.simplefilter("ignore", RuntimeWarning)
+                probe = OrtEngine(rendered, EngineInfo(self.name, engine_path.name, "", extra={"cpu_target": target}),
+                                  replace(config, cpu_target="auto"))
+            check = probe.check(check_data, model)
+            if check is not None and not check.passed:
+                raise EngineCheckError(
+                    f"engine self-check failed on this CPU ({cpu.describe()}, target '{target}'): {check.summary()}. "
+                    f"Nothing was written. The engine does not compute what was calibrated here; build with "
+                    f"--cpu-target portable (EngineConfig(cpu_target='portable')), and if that fails too, report it "
+                    f"with these numbers.")
         info = EngineInfo(
             backend=self.name,
             engine_path=engine_path.name,
@@ -149,6 +248,9 @@ class OrtBackend:
                 "extra_amax": {k: float(v) for k, v in sorted((extra_amax or {}).items())},
                 "float_for_lack_of_amax": [t for t in needed if t not in (extra_amax or {})],
                 "engine_config": asdict(config),
+                "cpu_target": target,
+                "built_on_cpu": {"int8_class": cpu.int8_class, "describe": cpu.describe()},
+                "self_check": None if check is None else check.to_dict(),
             },
         )
         atomic_write_bytes(engine_path, data)
@@ -167,7 +269,7 @@ class OrtBackend:
         digest = hashlib.sha256(engine_path.read_bytes()).hexdigest()
         if info.extra.get("engine_sha256") not in (None, digest):
             raise ValueError(f"engine {engine_path} does not match its metadata (sha256 differs); rebuild it.")
-        return OrtEngine(engine_path, info, config)
+        return OrtEngine(onnx.load(str(engine_path)), info, config)
 
 
 def metadata_path(engine_path: str | Path) -> Path:

@@ -1,0 +1,91 @@
+"""The engine self-check: does the ONNX Runtime engine, on this CPU, compute what was calibrated?
+
+The reference is a Q/DQ graph run with ONNX Runtime's graph optimizations **off**: every
+Quantize/DequantizeLinear then runs as float arithmetic, so the result is the fake-quant model's
+whatever the CPU (the integer kernels only appear when the optimizer fuses Q/DQ groups). The engine
+runs exactly as :meth:`qfold.engine.ort.OrtBackend.load` opens it (optimizations on). A CPU whose
+int8 kernels saturate (docs/cpu-int8-targets.md) shows up here as an error of many output steps.
+
+* after a build the reference is the TensorRT-profile Q/DQ ONNX (the fake-quant model as exported);
+  the ORT rendering's extra Q/DQ on residual conv outputs and int32 biases cost about one step;
+* ``qfold eval`` has only the engine, so its reference is the engine's own graph unoptimized: that
+  isolates the integer kernels.
+
+One output step is ``max|reference| / 127`` over the checked batches (an int8 step of the output).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from qfold.metrics import sqnr_db_from_energy
+
+#: the build fails when the engine's largest deviation from the reference exceeds this many output
+#: steps. Saturating kernels measured tens to hundreds of steps on the example ResNet (13.6 dB); a
+#: correct engine stays within ~1-2 (BENCHMARKS.md, "CPU targets").
+TOLERANCE_STEPS = 4.0
+
+
+class EngineCheckError(RuntimeError):
+    """The engine deviates from the fake-quant reference by more than the tolerance on this CPU."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Engine vs reference on a few batches.
+
+    Attributes:
+        samples: inputs compared.
+        max_abs_err: largest ``|engine - reference|``.
+        step: one output step, ``max|reference| / 127``.
+        max_err_steps: ``max_abs_err / step``.
+        sqnr_db: SQNR of the engine against the reference.
+        agreement: fraction of rows whose argmax (last axis) agrees.
+        tolerance_steps: the limit ``max_err_steps`` is held to.
+        reference: what the reference was (``"qdq-onnx"`` or ``"engine-graph"``).
+    """
+
+    samples: int
+    max_abs_err: float
+    step: float
+    max_err_steps: float
+    sqnr_db: float
+    agreement: float
+    tolerance_steps: float
+    reference: str
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.max_err_steps <= self.tolerance_steps)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+    def summary(self) -> str:
+        return (f"engine vs {self.reference} on {self.samples} calibration inputs: max error {self.max_err_steps:.2f} "
+                f"output steps (limit {self.tolerance_steps:g}), SQNR {self.sqnr_db:.2f} dB, "
+                f"argmax agreement {self.agreement:.2%}")
+
+
+def compare(engine: Callable[[np.ndarray], np.ndarray], reference: Callable[[np.ndarray], np.ndarray],
+            batches: Iterable[np.ndarray], *, reference_name: str = "qdq-onnx",
+            tolerance_steps: float = TOLERANCE_STEPS) -> CheckResult | None:
+    """Run both on every batch and measure the deviation; None when ``batches`` is empty."""
+    got, want = [], []
+    for x in batches:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        got.append(np.asarray(engine(x), np.float64))
+        want.append(np.asarray(reference(x), np.float64))
+    if not got:
+        return None
+    g, w = np.concatenate(got), np.concatenate(want)
+    if not np.isfinite(g).all():
+        return CheckResult(len(g), float("inf"), 0.0, float("inf"), float("-inf"), 0.0, tolerance_steps, reference_name)
+    err = float(np.abs(g - w).max())
+    step = float(np.abs(w).max()) / 127
+    steps = err / step if step > 0 else (0.0 if err == 0 else float("inf"))
+    sq = sqnr_db_from_energy(float((w * w).sum()), float(((g - w) ** 2).sum()))
+    agree = float((g.reshape(len(g), -1).argmax(-1) == w.reshape(len(w), -1).argmax(-1)).mean())
+    return CheckResult(len(g), err, step, steps, sq, agree, tolerance_steps, reference_name)
