@@ -276,7 +276,8 @@ def bound_relu(
         raise BoundError("pass either config=BoundConfig(...) or mode/quantile, not both")
     if config.mode == "preserve" and calib_data is None:
         raise BoundError("mode='preserve' needs calib_data (a few hundred representative inputs) to place the caps; pass it, or use mode='swap' for the literal ReLU -> ReLU6 replacement")
-    gm = trace(model)
+    first = next(iter(_batches(calib_data, config.batch_size)), None) if calib_data is not None else None
+    gm = trace(model, example_inputs=first)  # torch.export capture on the first batch if fx cannot trace
     graph_nodes = list(gm.graph.nodes)
     sites = {n.name: ip for n in graph_nodes if (ip := _relu_site(gm, n)) is not None}
     bounded = {n.name: ip for n in graph_nodes if (ip := _bounded_site(gm, n)) is not None}

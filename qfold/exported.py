@@ -186,3 +186,48 @@ def _materialize(b: _Builder, x: Any) -> Any:
         b.env[x] = b.graph.get_attr(name)
         return b.env[x]
     raise ValueError(f"argument {x.name} of the ExportedProgram was not produced before use")
+
+
+def _shape_text(shape: Any) -> str:
+    dims = [d if isinstance(d, int) else "N" for d in shape]
+    return "(" + ", ".join(map(str, dims)) + ")"
+
+
+def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    """Capture ``model`` with ``torch.export`` on ``example_inputs`` and rebuild it as module calls.
+
+    For forwards torch.fx cannot trace symbolically (Python control flow over shapes or attributes:
+    TF-"same" padding computed from ``x.size()``, an input-shape check against a submodule
+    attribute). The batch dimension is exported as dynamic when the model allows it; every other
+    dimension is fixed to the example's, so the captured graph is valid for those shapes only.
+    ``gm.meta["qfold_capture"]`` says which capture was used and for which input shapes.
+
+    Raises:
+        ValueError: ``torch.export`` failed, or the program is not one qfold can rebuild.
+    """
+    if len(example_inputs) != 1 or not isinstance(example_inputs[0], torch.Tensor):
+        raise ValueError("capturing with torch.export needs exactly one example input tensor")
+    x = example_inputs[0]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    errors = []
+    try:
+        for dynamic in ((({0: torch.export.Dim.AUTO},),) if x.dim() > 0 else ()) + (None,):
+            try:
+                ep = torch.export.export(model, (x,), dynamic_shapes=dynamic, strict=False)
+                break
+            except Exception as exc:  # noqa: BLE001 - export raises many types; reported below
+                errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        else:
+            raise ValueError("torch.export failed too: " + " | ".join(errors))
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    gm = from_exported_program(ep)
+    val = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name not in ep.graph_signature.inputs_to_parameters
+               and n.name not in ep.graph_signature.inputs_to_buffers).meta.get("val")
+    shape = tuple(val.shape) if val is not None else tuple(x.shape)
+    dyn = any(not isinstance(d, int) for d in shape)
+    valid = f"input shape {_shape_text(shape)}" + (" for any batch size N" if dyn else " only (the batch size is fixed too)")
+    gm.meta["qfold_capture"] = {"method": "torch.export", "valid_for": valid}
+    return gm

@@ -32,8 +32,9 @@ from torch.nn.utils import parametrize
 
 from qfold.fold_math import bn_affine, fold_affine_after, fold_affine_before
 from qfold.fold_report import FoldEntry, FoldReport
-from qfold.fold_sites import FoldError, _bn_like, _Site, _site, _Stats
-from qfold.graph import UntraceableModelError, set_module, trace
+from qfold.fold_sites import FoldedNormAct, FoldError, _bn_like, _frozen_stats, _Site, _site, _Stats
+from qfold.graph import UntraceableModelError, capture_info, data_users, set_module, trace
+from qfold.keep_attrs import keep_interface
 
 __all__ = ["FoldEntry", "FoldError", "FoldReport", "fold_batchnorm"]
 
@@ -79,7 +80,8 @@ def fold_batchnorm(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     folded, keyed = _fold_any(model, "", tuple(example_inputs) if example_inputs is not None else None)
-    report = FoldReport(tuple(e for _, e in sorted(keyed, key=lambda ke: ke[0])))
+    info = capture_info(folded)
+    report = FoldReport(tuple(e for _, e in sorted(keyed, key=lambda ke: ke[0])), info["method"], info["valid_for"])
     if strict and report.left:
         lines = "; ".join(f"'{e.bn}': {e.reason}" for e in report.left)
         raise FoldError(f"strict=True and {len(report.left)} BatchNorm(s) were left: {lines}")
@@ -115,6 +117,10 @@ def _fold_any(
             gm = trace(model, leaf_names=frozen | leaves)
             break
         except UntraceableModelError as exc:
+            if example_inputs is not None and not leaves:  # whole-model capture by torch.export, if it works
+                exported = _export_capture(model, example_inputs)
+                if exported is not None:
+                    return exported, _fold_graph(exported, prefix, set(), _ranks(exported, example_inputs))
             where = exc.module_name
             if not where or where in leaves:
                 return _fold_children(model, prefix, exc)
@@ -127,6 +133,50 @@ def _fold_any(
         set_module(gm, leaf, sub)
         keyed += [((order.get(leaf, 1 << 30), *k), e) for k, e in sub_keyed]
     return gm, keyed
+
+
+class _AnyRankBN(_BatchNorm):
+    """An eval-mode BatchNorm over dim 1 of any rank: stands in for a frozen BatchNorm before export."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        return None
+
+
+class _BNThenChildren(_AnyRankBN):
+    """A frozen BatchNorm + activation before export: the BN, then the children in order."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = super().forward(x)
+        for child in self.children():
+            x = child(x)
+        return x
+
+
+def _export_capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule | None:
+    """``model`` captured by torch.export (frozen BNs turned into BatchNorms first), or None if that fails."""
+    from qfold.exported import capture
+
+    ready = copy.deepcopy(model)
+    for name, m in list(ready.named_modules()):
+        if not name or isinstance(m, _BatchNorm) or not _bn_like(m):
+            continue
+        kids = dict(m.named_children())
+        st = _frozen_stats(m, allow_children=bool(kids))
+        bn = (_BNThenChildren if kids else _AnyRankBN)(st.mean.numel(), eps=st.eps, affine=True)
+        bn = bn.to(device=st.mean.device, dtype=st.mean.dtype).eval()
+        with torch.no_grad():
+            bn.running_mean.copy_(st.mean)
+            bn.running_var.copy_(st.var)
+            bn.weight.copy_(st.gamma if st.gamma is not None else torch.ones_like(st.mean))
+            bn.bias.copy_(st.beta if st.beta is not None else torch.zeros_like(st.mean))
+        for k, child in kids.items():
+            bn.add_module(k, child)
+        set_module(ready, name, bn)
+    try:
+        gm = capture(ready, example_inputs)
+    except ValueError:
+        return None
+    return keep_interface(gm, model)
 
 
 def _fold_children(
@@ -195,8 +245,9 @@ def _fold_graph(
                 left[node] = FoldEntry(site.name, site.kind, "left", reason=why)
                 continue
             direction, layer_node = plan
+            into = "+".join(f"{prefix}{p.target}" for p in _pieces(layer_node))
             _apply(gm, site, direction, layer_node)
-            done[node] = FoldEntry(site.name, site.kind, "folded", f"{prefix}{layer_node.target}", direction, note=note)
+            done[node] = FoldEntry(site.name, site.kind, "folded", into, direction, note=note)
             changed = True
     gm.recompile()
     entries = sorted({**done, **left}.items(), key=lambda ne: order[ne[0]])
@@ -251,6 +302,19 @@ def _is_swap12(node: fx.Node) -> bool:
     return (t == "transpose" and sorted(rest) == [1, 2]) or (t == "permute" and rest == [0, 2, 1])
 
 
+def _flatten_to_2d(node: fx.Node, ranks: dict[fx.Node, int]) -> bool | None:
+    """For ``x.flatten(0, e)`` / ``torch.flatten(x, 0, e)``: True when it gives a 2-D ``(N, x.shape[-1])``
+    tensor (``e == -2``, or ``e == rank - 2``; a 3-D ``x`` is assumed when its rank is unknown and
+    ``e == 1``), False when it is some other flatten, None when ``node`` is not a flatten from dim 0."""
+    t = node.target if node.op == "call_method" else getattr(node.target, "__name__", None) if node.op == "call_function" else None
+    if t != "flatten" or node.kwargs or len(node.args) != 3 or not isinstance(node.args[0], fx.Node) or node.args[1] != 0:
+        return None
+    end, rank = node.args[2], ranks.get(node.args[0])
+    if not isinstance(end, int):
+        return False
+    return end == -2 or (rank is not None and end == rank - 2) or (rank is None and end == 1)
+
+
 def _plan(
     gm: fx.GraphModule, site: _Site, calls: Counter, read: set[str], ranks: dict[fx.Node, int]
 ) -> tuple[tuple[str, fx.Node] | None, str, str]:
@@ -295,8 +359,15 @@ def _channels(m: nn.Module, *, out: bool) -> int:
 
 
 def _plan_after(gm, site: _Site, calls, read, ranks) -> tuple[fx.Node | None, str, str]:
-    prod, swapped = site.x, False
-    if _is_swap12(prod) and isinstance(prod.args[0], fx.Node) and len(prod.users) == 1:
+    prod, swapped, flat_note = site.x, False, ""
+    flat = _flatten_to_2d(prod, ranks)
+    if flat is not None and len(data_users(prod)) == 1:
+        if flat is False:
+            return None, f"its input is {_describe(prod)}, which does not give a 2-D (tokens, features) tensor", ""
+        if ranks.get(prod.args[0]) is None and prod.args[2] != -2:
+            flat_note = "assumed a 3-D input to flatten(0, 1); pass example_inputs to check"
+        prod, swapped = prod.args[0], True  # (..., F) -> (N, F): the BatchNorm normalises the Linear's features
+    elif _is_swap12(prod) and isinstance(prod.args[0], fx.Node) and len(data_users(prod)) == 1:
         three_d = "permute" in (prod.target, getattr(prod.target, "__name__", "")) or ranks.get(prod) == 3
         if three_d or site.kind == "BatchNorm1d":  # BatchNorm1d accepts 2-D/3-D and transpose(1, 2) needs 3-D
             prod, swapped = prod.args[0], True
@@ -305,6 +376,8 @@ def _plan_after(gm, site: _Site, calls, read, ranks) -> tuple[fx.Node | None, st
                 f"its input is {_describe(prod)} of '{prod.args[0].target}', whose rank is unknown for a "
                 f"{site.kind}: pass example_inputs"
             ), ""
+    if _is_channel_cat(prod) and not swapped:
+        return _plan_after_cat(gm, site, prod, calls, read)
     if prod.op != "call_module":
         return None, f"its input comes from {_describe(prod)}, not a Conv/ConvTranspose/Linear", ""
     m = gm.get_submodule(prod.target)
@@ -314,13 +387,13 @@ def _plan_after(gm, site: _Site, calls, read, ranks) -> tuple[fx.Node | None, st
     why = _layer_problem(gm, prod, calls, read)
     if why:
         return None, why, ""
-    if len(prod.users) > 1:
-        others = ", ".join(_describe(u) for u in prod.users if u is not site.node and u is not site.x)
+    if len(data_users(prod)) > 1:
+        others = ", ".join(_describe(u) for u in data_users(prod) if u is not site.node and u is not site.x)
         return None, f"the output of '{prod.target}' also feeds {others}", ""
     n = site.stats.mean.numel()
     if _channels(m, out=True) != n:
         return None, f"'{prod.target}' has {_channels(m, out=True)} output channels, the BatchNorm {n}", ""
-    note = ""
+    note = flat_note
     if base is nn.Linear and not swapped:
         rank = ranks.get(prod)
         if rank is None:
@@ -330,8 +403,44 @@ def _plan_after(gm, site: _Site, calls, read, ranks) -> tuple[fx.Node | None, st
     return prod, "", note
 
 
+def _is_channel_cat(node: fx.Node) -> bool:
+    """``torch.cat([...], 1)`` / ``torch.cat([...], dim=1)`` of graph nodes."""
+    if node.op != "call_function" or node.target is not torch.cat or not node.args:
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim == 1 and isinstance(node.args[0], (list, tuple)) and all(isinstance(a, fx.Node) for a in node.args[0])
+
+
+def _pieces(node: fx.Node) -> list[fx.Node]:
+    """The layers a fold writes into: the concatenated ones for a channel cat, else ``node`` itself."""
+    return list(node.args[0]) if _is_channel_cat(node) else [node]
+
+
+def _plan_after_cat(gm, site: _Site, cat: fx.Node, calls, read) -> tuple[fx.Node | None, str, str]:
+    """BN over ``cat([conv_1(x_1), conv_2(x_2), ...], 1)``: each conv absorbs its slice of channels (MixNet)."""
+    if len(data_users(cat)) > 1:
+        return None, f"the output of {_describe(cat)} also feeds {', '.join(_describe(u) for u in data_users(cat) if u is not site.node)}", ""
+    total = 0
+    for piece in _pieces(cat):
+        m = gm.get_submodule(piece.target) if piece.op == "call_module" else None
+        base = _layer_base(m, list(_AFTER_AXIS)) if m is not None else None
+        if base is None or base is nn.Linear:
+            what = f"'{piece.target}' ({type(m).__name__})" if m is not None else _describe(piece)
+            return None, f"its input is {_describe(cat)} of {what}, not only Conv/ConvTranspose layers", ""
+        why = _layer_problem(gm, piece, calls, read) or (
+            f"the output of '{piece.target}' also feeds more than {_describe(cat)}"
+            if len(data_users(piece)) > 1 or list(cat.args[0]).count(piece) > 1 else ""
+        )
+        if why:
+            return None, why, ""
+        total += _channels(m, out=True)
+    if total != site.stats.mean.numel():
+        return None, f"{_describe(cat)} gives {total} channels, the BatchNorm {site.stats.mean.numel()}", ""
+    return cat, "", ""
+
+
 def _plan_before(gm, site: _Site, calls, read, ranks) -> tuple[fx.Node | None, str, str]:
-    users = list(site.node.users)
+    users = data_users(site.node)
     if len(users) != 1:
         return None, f"its output feeds {len(users)} nodes ({', '.join(_describe(u) for u in users)})", ""
     user = users[0]
@@ -364,18 +473,25 @@ def _plan_before(gm, site: _Site, calls, read, ranks) -> tuple[fx.Node | None, s
 
 # ----------------------------------------------------------------------------- surgery
 def _apply(gm: fx.GraphModule, site: _Site, direction: str, layer_node: fx.Node) -> None:
-    layer = gm.get_submodule(layer_node.target)
     st = site.stats
-    a, c = bn_affine(st.mean, st.var, st.eps, st.gamma, st.beta)
-    a, c = a.to(layer.weight.device), c.to(layer.weight.device)
-    groups = getattr(layer, "groups", 1)
-    if direction == "after":
-        axis = _AFTER_AXIS[_layer_base(layer, list(_AFTER_AXIS))]
-        w, b = fold_affine_after(layer.weight, layer.bias, a, c, out_axis=axis, groups=groups)
-    else:
-        w, b = fold_affine_before(layer.weight, layer.bias, a, c, groups=groups)
-    _set_param(layer, "weight", w)
-    _set_param(layer, "bias", b)
+    a_all, c_all = bn_affine(st.mean, st.var, st.eps, st.gamma, st.beta)
+    start = 0
+    for piece in _pieces(layer_node):  # one layer, or the layers of a channel concat, each with its slice
+        layer = gm.get_submodule(piece.target)
+        n = _channels(layer, out=True) if direction == "after" else a_all.numel()
+        a, c = a_all[start:start + n].to(layer.weight.device), c_all[start:start + n].to(layer.weight.device)
+        start += n
+        groups = getattr(layer, "groups", 1)
+        if direction == "after":
+            axis = _AFTER_AXIS[_layer_base(layer, list(_AFTER_AXIS))]
+            w, b = fold_affine_after(layer.weight, layer.bias, a, c, out_axis=axis, groups=groups)
+        else:
+            w, b = fold_affine_before(layer.weight, layer.bias, a, c, groups=groups)
+        _set_param(layer, "weight", w)
+        _set_param(layer, "bias", b)
+    if site.keeps_tail:  # a frozen BN + activation called as one module: the call now runs the activation only
+        _strip_norm(gm, site.owner)
+        return
     bn_node, inputs = site.node, list(site.node.all_input_nodes)
     bn_node.replace_all_uses_with(site.x)
     gm.graph.erase_node(bn_node)
@@ -384,6 +500,31 @@ def _apply(gm: fx.GraphModule, site: _Site, direction: str, layer_node: fx.Node)
             gm.graph.erase_node(n)
             _prune(gm, n.target)
     _prune(gm, site.owner)
+    if site.owner and isinstance(_get(gm, site.owner), _BatchNorm) and _only_children_used(gm, site.owner):
+        _strip_norm(gm, site.owner)  # BatchNormAct2d: its drop/act are still called, its statistics no more
+
+
+def _only_children_used(gm: fx.GraphModule, owner: str) -> bool:
+    """True when the graph uses ``owner`` only through calls of its child modules."""
+    children = {f"{owner}.{n}" for n, _ in gm.get_submodule(owner).named_children()}
+    for n in gm.graph.nodes:
+        t = n.target if isinstance(n.target, str) and n.op in ("call_module", "get_attr") else None
+        if t is not None and (t == owner or t.startswith(owner + ".")):
+            if not (n.op == "call_module" and any(t == c or t.startswith(c + ".") for c in children)):
+                return False
+    return True
+
+
+def _get(gm: fx.GraphModule, target: str) -> object:
+    owner, _, attr = target.rpartition(".")
+    parent = gm.get_submodule(owner) if owner else gm
+    return getattr(parent, attr, None)
+
+
+def _strip_norm(gm: fx.GraphModule, target: str) -> None:
+    """Replace the BN + activation module at ``target`` by a :class:`FoldedNormAct` of its children."""
+    m = gm.get_submodule(target)
+    set_module(gm, target, FoldedNormAct(dict(m.named_children()), type(m).__name__))
 
 
 def _set_param(layer: nn.Module, name: str, value: torch.Tensor) -> None:

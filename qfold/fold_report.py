@@ -45,6 +45,8 @@ class FoldReport:
     """Every BatchNorm found by a fold, in graph order."""
 
     entries: tuple[FoldEntry, ...] = field(default_factory=tuple)
+    capture: str = "torch.fx"  # how the graph was captured: "torch.fx" or "torch.export"
+    valid_for: str = "any input the model accepts"  # the input shapes the folded graph is valid for
 
     @property
     def folded(self) -> list[FoldEntry]:
@@ -62,6 +64,7 @@ class FoldReport:
             "folded": len(self.folded),
             "left": len(self.left),
             "entries": [asdict(e) for e in self.entries],
+            "capture": {"method": self.capture, "valid_for": self.valid_for},
         }
 
     def to_json(self) -> str:
@@ -76,6 +79,8 @@ class FoldReport:
         ]
         widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head) - 1)]
         lines = [f"BatchNorm folding: {len(self.folded)} folded, {len(self.left)} left"]
+        if self.capture != "torch.fx":
+            lines.append(f"captured with {self.capture}: valid for {self.valid_for}")
         for r in [head, *rows]:
             lines.append("  ".join(str(c).ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1])
         return "\n".join(line.rstrip() for line in lines)

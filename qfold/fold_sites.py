@@ -55,12 +55,37 @@ class _Site:
     stats: _Stats | None
     why_not: str = ""  # set when stats is None
     owner: str = ""  # the module that holds the BN's statistics, deleted once unused
+    keeps_tail: bool = False  # a norm+activation module: once folded, the node still runs its children
+
+
+class FoldedNormAct(nn.Module):
+    """What is left of a BatchNorm + activation module (timm's ``BatchNormAct2d``,
+    ``FrozenBatchNormAct2d``...) once its BatchNorm is folded into the layer before it: its child
+    modules (dropout, activation...), applied in order. Keeps the original's child names, so
+    ``bn1.act`` is still the activation and ``qfold.bound_relu`` still finds a ReLU there."""
+
+    def __init__(self, children: dict[str, nn.Module], folded_from: str) -> None:
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
+        self.folded_from = folded_from
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for child in self.children():
+            x = child(x)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"folded_from={self.folded_from}"
 
 
 # ----------------------------------------------------------------------------- frozen BatchNorms
-def _frozen_stats(m: nn.Module) -> _Stats | None:
-    """Statistics of a module that looks like a frozen BatchNorm (by structure), else None."""
-    if isinstance(m, _BatchNorm) or any(True for _ in m.children()):
+def _frozen_stats(m: nn.Module, *, allow_children: bool = False) -> _Stats | None:
+    """Statistics of a module that looks like a frozen BatchNorm (by structure), else None.
+
+    With ``allow_children`` a module with children (a frozen BatchNorm + activation) qualifies too.
+    """
+    if isinstance(m, _BatchNorm) or (not allow_children and any(True for _ in m.children())):
         return None
     ts = [getattr(m, a, None) for a in _FROZEN_ATTRS]
     eps = getattr(m, "eps", None)
@@ -71,8 +96,8 @@ def _frozen_stats(m: nn.Module) -> _Stats | None:
     return _Stats(ts[2], ts[3], float(eps), ts[0], ts[1])
 
 
-def _behaves_like_bn(m: nn.Module, st: _Stats) -> bool:
-    """True when ``m`` computes ``gamma * (x - mean) / sqrt(var + eps) + beta`` on a probe input."""
+def _behaves_like_bn(m: nn.Module, st: _Stats, tail: nn.Module | None = None) -> bool:
+    """True when ``m`` computes ``tail(gamma * (x - mean) / sqrt(var + eps) + beta)`` on a probe input."""
     probe = copy.deepcopy(m)  # in its own mode: a BN that uses batch statistics in training is no frozen BN
     n = st.mean.numel()
     a, c = bn_affine(st.mean, st.var, st.eps, st.gamma, st.beta)
@@ -87,13 +112,32 @@ def _behaves_like_bn(m: nn.Module, st: _Stats) -> bool:
             continue
         view = [1, n] + [1] * (len(shape) - 2)
         ref = x.double() * a.view(view) + c.view(view)
+        if tail is not None:
+            with torch.no_grad():
+                ref = tail(ref.to(st.mean.dtype)).double()
         if isinstance(y, torch.Tensor) and y.shape == ref.shape:
             return bool((y.double() - ref).abs().max() <= tol * max(1.0, ref.abs().max().item()))
     return False
 
 
+def _norm_act_tail(m: nn.Module) -> FoldedNormAct | None:
+    """For a frozen BatchNorm + activation (BN statistics as buffers, children applied after the
+    BN in registration order, checked on a probe input): a :class:`FoldedNormAct` of copies of
+    its children. None for anything else."""
+    if not any(True for _ in m.children()) or any(isinstance(c, _BatchNorm) for c in m.modules()):
+        return None
+    st = _frozen_stats(m, allow_children=True)
+    if st is None:
+        return None
+    tail = FoldedNormAct({n: copy.deepcopy(c) for n, c in m.named_children()}, type(m).__name__).eval()
+    return tail if _behaves_like_bn(m, st, tail) else None
+
+
 def _bn_like(m: nn.Module) -> bool:
-    return isinstance(m, _BatchNorm) or (_frozen_stats(m) is not None and _behaves_like_bn(m, _frozen_stats(m)))
+    if isinstance(m, _BatchNorm):
+        return True
+    st = _frozen_stats(m)
+    return (st is not None and _behaves_like_bn(m, st)) or _norm_act_tail(m) is not None
 
 
 # ----------------------------------------------------------------------------- BatchNorm sites
@@ -111,8 +155,10 @@ def _site(gm: fx.GraphModule, node: fx.Node, prefix: str, frozen: set[str]) -> _
                 return _Site(node, name, type(m).__name__, x, None, _NO_STATS)
             st = _Stats(m.running_mean, m.running_var, m.eps, m.weight, m.bias)
             return _Site(node, name, type(m).__name__, x, st, owner=node.target)
-        if node.target in frozen:
-            return _Site(node, name, type(m).__name__, x, _frozen_stats(m), owner=node.target)
+        if node.target in frozen and not isinstance(m, FoldedNormAct):
+            tail = any(True for _ in m.children())
+            st = _frozen_stats(m, allow_children=tail)
+            return _Site(node, name, type(m).__name__, x, st, owner=node.target, keeps_tail=tail)
         return None
     if node.op == "call_function" and node.target is F.batch_norm:
         return _functional_site(gm, node, prefix)
@@ -129,6 +175,8 @@ def _functional_site(gm: fx.GraphModule, node: fx.Node, prefix: str) -> _Site:
     rm = a["running_mean"]
     owner = rm.target.rpartition(".")[0] if isinstance(rm, fx.Node) and rm.op == "get_attr" else ""
     name = f"{prefix}{owner}" if owner else f"{prefix}{node.name}"
+    owner_m = gm.get_submodule(owner) if owner else None
+    kind = type(owner_m).__name__ if isinstance(owner_m, _BatchNorm) else "F.batch_norm"  # timm's BatchNormAct2d
     if a["training"] is True:
         raise FoldError(
             f"F.batch_norm in '{name}' runs with training=True: folding uses running statistics, which only "
@@ -142,13 +190,13 @@ def _functional_site(gm: fx.GraphModule, node: fx.Node, prefix: str) -> _Site:
         elif v is None and key in ("weight", "bias"):
             tensors[key] = None
         elif v is None:
-            return _Site(node, name, "F.batch_norm", a["input"], None, _NO_STATS)
+            return _Site(node, name, kind, a["input"], None, _NO_STATS)
         else:
-            return _Site(node, name, "F.batch_norm", a["input"], None, f"its {key} is computed in forward, not a module attribute")
+            return _Site(node, name, kind, a["input"], None, f"its {key} is computed in forward, not a module attribute")
     if not isinstance(a["training"], bool) or not isinstance(a["eps"], (int, float)):
-        return _Site(node, name, "F.batch_norm", a["input"], None, "its training flag or eps is computed in forward")
+        return _Site(node, name, kind, a["input"], None, "its training flag or eps is computed in forward")
     st = _Stats(tensors["running_mean"], tensors["running_var"], float(a["eps"]), tensors["weight"], tensors["bias"])
-    return _Site(node, name, "F.batch_norm", a["input"], st, owner=owner)
+    return _Site(node, name, kind, a["input"], st, owner=owner)
 
 
 def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:

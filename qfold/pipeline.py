@@ -77,7 +77,7 @@ def fold_stage(model: nn.Module, config: PTQConfig, example: torch.Tensor | None
 
     reports: dict[str, Any] = {}
     if config.fold.reparameterize:
-        model, reports["reparam"] = reparameterize(model)
+        model, reports["reparam"] = reparameterize(model, example_inputs=example)
     folded, reports["fold"] = fold_batchnorm(model, strict=config.fold.strict, example_inputs=example)
     return folded, reports
 
@@ -94,7 +94,7 @@ def bound_stage(folded: nn.Module, calib_x: torch.Tensor, config: PTQConfig) -> 
 
 def calibrate_stage(model: nn.Module, calib_x: torch.Tensor, config: PTQConfig) -> tuple[fx.GraphModule, QuantPlan, calib.CalibResult]:
     """Plan Q/DQ, insert quantizers, observe the float network and set every amax."""
-    gm = model if isinstance(model, fx.GraphModule) else trace(model)
+    gm = model if isinstance(model, fx.GraphModule) else trace(model, example_inputs=calib_x[: config.calib.batch_size])
     plan = plan_quantization(gm, config.export.keep_float)
     fq = prepare_fake_quant(gm, plan)
     if not plan.points:

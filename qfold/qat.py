@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from qfold import fold_math
 from qfold.graph import set_module, trace
+from qfold.keep_attrs import keep_interface
 from qfold.qat_modules import ConvBn, QATActQuant, QATQuantLayer, QuantConvBn, can_pair
 from qfold.quant.modules import ActQuant, QuantLayer
 from qfold.quant.plan import plan_quantization
@@ -117,7 +118,7 @@ def _share_layers(model: nn.Module) -> fx.GraphModule:
     containers, so rewriting it never changes ``model``'s structure.
     """
     traced = trace(model)
-    return fx.GraphModule(model, copy.deepcopy(traced.graph), class_name=traced.__class__.__name__)
+    return keep_interface(fx.GraphModule(model, copy.deepcopy(traced.graph), class_name=traced.__class__.__name__), model)
 
 
 _RELU_FUNCS = {F.relu, torch.relu}

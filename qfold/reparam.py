@@ -360,7 +360,9 @@ def _rewrite_sum(gm: fx.GraphModule, root: fx.Node, merged: list[MergedBlock], l
         gm.graph.erase_node(n)
 
 
-def reparameterize(model: nn.Module) -> tuple[fx.GraphModule, ReparamReport]:
+def reparameterize(
+    model: nn.Module, *, example_inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None
+) -> tuple[fx.GraphModule, ReparamReport]:
     """Merge every sum of parallel branches linear in one input into a single conv with bias.
 
     The model is traced (:func:`qfold.graph.trace`) on a deep copy; ``model`` is never modified.
@@ -368,6 +370,9 @@ def reparameterize(model: nn.Module) -> tuple[fx.GraphModule, ReparamReport]:
 
     Args:
         model: an eval-mode FP32 module that torch.fx can trace.
+        example_inputs: an input batch; when torch.fx cannot trace ``model`` it is captured with
+            ``torch.export`` on it instead (valid for that input shape, any batch size; see
+            :func:`qfold.graph.capture_info`).
 
     Returns:
         ``(graph_module, report)``: the re-parameterized model (outputs equal to ``model``'s up
@@ -375,9 +380,10 @@ def reparameterize(model: nn.Module) -> tuple[fx.GraphModule, ReparamReport]:
 
     Raises:
         ValueError: a BatchNorm is in training mode (call ``model.eval()`` first).
-        qfold.graph.UntraceableModelError: torch.fx cannot trace ``model``.
+        qfold.graph.UntraceableModelError: torch.fx cannot trace ``model`` (nor torch.export
+            capture it on ``example_inputs``).
     """
-    gm = trace(model)
+    gm = trace(model, example_inputs=example_inputs)
     _check_eval(gm)
     merged: list[MergedBlock] = []
     left: list[LeftCandidate] = []

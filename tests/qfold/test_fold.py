@@ -74,10 +74,12 @@ def test_densenet_style_exact_report() -> None:
     assert [(e.bn, e.status, e.into, e.direction, e.reason) for e in report.entries] == [
         ("norm0", "folded", "conv0", "after", ""),
         ("layer1.norm1", "left", None, None,
-         f"after: its input comes from cat ('cat'), {not_layer}; before: its output feeds relu ('relu_1'), not a Conv/Linear"),
+         "after: its input is cat ('cat') of relu ('relu'), not only Conv/ConvTranspose layers; "
+         "before: its output feeds relu ('relu_1'), not a Conv/Linear"),
         ("layer1.norm2", "folded", "layer1.conv1", "after", ""),
         ("layer2.norm1", "left", None, None,
-         f"after: its input comes from cat ('cat_1'), {not_layer}; before: its output feeds relu ('relu_3'), not a Conv/Linear"),
+         "after: its input is cat ('cat_1') of relu ('relu'), not only Conv/ConvTranspose layers; "
+         "before: its output feeds relu ('relu_3'), not a Conv/Linear"),
         ("layer2.norm2", "folded", "layer2.conv1", "after", ""),
         ("trans_norm", "folded", "trans_conv", "before", ""),
         ("pre_norm", "left", None, None,
