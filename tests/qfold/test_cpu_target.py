@@ -249,3 +249,32 @@ def test_cpu_target_configuration_is_validated() -> None:
         EngineSection(cpu_target="avx512")
     with pytest.raises(ValueError, match="cpu_target must be one of"):
         OrtBackend().build(Path(__file__), Path("/nonexistent/e.onnx"), EngineConfig(cpu_target="sse"))
+
+
+def test_cli_build_and_eval_report_target_and_self_check(tmp_path: Path) -> None:
+    import subprocess
+
+    from qfold.examples import load_data
+
+    cx, _ = load_data("calib")
+    tx, ty = load_data("test")
+    np.savez(tmp_path / "calib.npz", x=cx[:64].numpy())
+    np.savez(tmp_path / "test.npz", x=tx[:64].numpy(), y=ty[:64].numpy())
+    common = ["--model", "qfold.examples:load_model", "--calib-data", "calib.npz", "--no-progress"]
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "qfold.cli", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+    r = cli("export", *common, "--out", "e")
+    assert r.returncode == 0, r.stderr
+    r = cli("build", "e/model_qdq.onnx", "--out", "b", "--calib-data", "calib.npz", "--cpu-target", "portable")
+    assert r.returncode == 0, r.stderr
+    assert "cpu target: portable" in r.stdout and "self-check passed" in r.stdout
+    assert weight_types(onnx.load(tmp_path / "b" / "engine.ort.onnx")) == {"uint8"}
+    r = cli("build", "e/model_qdq.onnx", "--out", "c", "--cpu-target", "avx512")
+    assert r.returncode == 2 and "invalid choice: 'avx512'" in r.stderr
+    r = cli("eval", *common, "--eval-data", "test.npz", "--engine", "b/engine.ort.onnx", "--out", "v")
+    assert r.returncode == 0, r.stderr
+    assert "engine self-check on this CPU" in r.stdout and "passed" in r.stdout
+    check = json.loads((tmp_path / "v" / "engine_check.json").read_text())
+    assert check["passed"] and check["reference"] == "engine-graph" and check["samples"] == 64
