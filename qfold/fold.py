@@ -34,7 +34,7 @@ from qfold.fold_math import bn_affine, fold_affine_after, fold_affine_before
 from qfold.fold_report import FoldEntry, FoldReport
 from qfold.fold_sites import FoldedNormAct, FoldError, _bn_like, _frozen_stats, _Site, _site, _Stats
 from qfold.graph import UntraceableModelError, capture_info, data_users, set_module, trace
-from qfold.keep_attrs import keep_interface
+from qfold.keep_attrs import SOURCE_CLASS, keep_interface
 
 __all__ = ["FoldEntry", "FoldError", "FoldReport", "fold_batchnorm"]
 
@@ -500,7 +500,8 @@ def _apply(gm: fx.GraphModule, site: _Site, direction: str, layer_node: fx.Node)
             gm.graph.erase_node(n)
             _prune(gm, n.target)
     _prune(gm, site.owner)
-    if site.owner and isinstance(_get(gm, site.owner), _BatchNorm) and _only_children_used(gm, site.owner):
+    owner = _get(gm, site.owner) if site.owner else None
+    if (isinstance(owner, _BatchNorm) or hasattr(owner, SOURCE_CLASS)) and _only_children_used(gm, site.owner):
         _strip_norm(gm, site.owner)  # BatchNormAct2d: its drop/act are still called, its statistics no more
 
 
@@ -524,7 +525,7 @@ def _get(gm: fx.GraphModule, target: str) -> object:
 def _strip_norm(gm: fx.GraphModule, target: str) -> None:
     """Replace the BN + activation module at ``target`` by a :class:`FoldedNormAct` of its children."""
     m = gm.get_submodule(target)
-    set_module(gm, target, FoldedNormAct(dict(m.named_children()), type(m).__name__))
+    set_module(gm, target, FoldedNormAct(dict(m.named_children()), getattr(m, SOURCE_CLASS, type(m).__name__)))
 
 
 def _set_param(layer: nn.Module, name: str, value: torch.Tensor) -> None:

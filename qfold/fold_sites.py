@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from qfold.fold_math import bn_affine
+from qfold.keep_attrs import SOURCE_CLASS
 
 __all__ = ["FoldError"]
 
@@ -176,7 +177,7 @@ def _functional_site(gm: fx.GraphModule, node: fx.Node, prefix: str) -> _Site:
     owner = rm.target.rpartition(".")[0] if isinstance(rm, fx.Node) and rm.op == "get_attr" else ""
     name = f"{prefix}{owner}" if owner else f"{prefix}{node.name}"
     owner_m = gm.get_submodule(owner) if owner else None
-    kind = type(owner_m).__name__ if isinstance(owner_m, _BatchNorm) else "F.batch_norm"  # timm's BatchNormAct2d
+    kind = type(owner_m).__name__ if isinstance(owner_m, _BatchNorm) else getattr(owner_m, SOURCE_CLASS, "F.batch_norm")
     if a["training"] is True:
         raise FoldError(
             f"F.batch_norm in '{name}' runs with training=True: folding uses running statistics, which only "

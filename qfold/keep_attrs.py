@@ -11,7 +11,8 @@ bare ``nn.Module``) is lost, and user code or a later forward that reads it fail
   methods and class attributes (everything ``fx.GraphModule`` itself does not define), and the
   original instance's plain attributes are copied;
 * every intermediate module that fx rebuilt as a bare ``nn.Module`` gets its original class back
-  (``__class__`` assignment) and its plain attributes.
+  (``__class__`` assignment) and its plain attributes; one left for a traced-through BatchNorm
+  (timm's ``BatchNormAct2d``) stays a bare container, its class name in ``SOURCE_CLASS``.
 
 The GraphModule's own ``forward`` (the graph) always wins. The interface survives ``copy.deepcopy``
 and re-tracing; pickling keeps the plain attributes only (GraphModule pickles by code).
@@ -24,8 +25,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["keep_interface"]
+__all__ = ["SOURCE_CLASS", "keep_interface"]
+
+SOURCE_CLASS = "_qfold_source_class"  # on a bare container left for a traced-through BatchNorm: its class name
 
 _GM_NAMES = frozenset(dir(fx.GraphModule))
 _MODULE_STATE = frozenset(vars(nn.Module()).keys())  # _parameters, _buffers, _modules, hooks, training...
@@ -82,10 +86,14 @@ def _apply(gm: fx.GraphModule, original: nn.Module, memo: dict | None = None) ->
             continue
         if isinstance(m, fx.GraphModule):
             continue
+        if isinstance(m, _BatchNorm):  # a traced-through BN keeps no BN class (passes look for those), only its name
+            shell.__dict__[SOURCE_CLASS] = type(m).__name__
+            continue
         try:
             shell.__class__ = type(m)
         except TypeError:  # an incompatible layout (slots, C extension): leave the bare module
             continue
+        shell.training = m.training
         for k, v in _plain_attrs(m).items():
             if k not in vars(shell):
                 shell.__dict__[k] = copy.deepcopy(v, memo) if memo is not None else v

@@ -159,7 +159,9 @@ class OrtEngine:
         self.info = info
         self.cpu = detect_cpu()
         self.target = engine_target(model, info.extra.get("cpu_target"))
-        runnable, note = for_this_cpu(model, self.target, config.cpu_target, self.cpu)
+        runnable, note = model, None  # GPU providers have no int16 pair sums (and TensorRT wants int8 weights)
+        if config.device == "cpu":
+            runnable, note = for_this_cpu(model, self.target, config.cpu_target, self.cpu)
         if note:
             warnings.warn(note, RuntimeWarning, stacklevel=3)
         self.running_as = self.target if runnable is model else "portable"

@@ -110,8 +110,7 @@ def test_real_consumer_still_blocks_the_fold() -> None:
     model = _prep(TwoUsers())
     folded, report = fold_batchnorm(model)
     assert report.left[0].reason.startswith("after: the output of 'conv' also feeds .sum() ('sum_1')")
-    assert isinstance(folded.bn, BatchNormAct2d)
-    _same(model, folded, X)
+    _same(model, folded, X)  # the BatchNorm still runs
 
 
 def test_frozen_norm_act_with_a_different_order_is_not_taken_for_bn_then_act() -> None:
@@ -177,6 +176,12 @@ def test_same_padding_conv_needs_export_and_folds_with_it() -> None:
     assert report.to_dict()["capture"] == {"method": "torch.export", "valid_for": report.valid_for}
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
     _same(model, folded, X, -X, X[:1], torch.randn(7, 3, 16, 16))
+
+    bounded, rep = bound_relu(model, X, mode="swap")  # the calibration data doubles as the export example
+    assert capture_info(bounded)["method"] == "torch.export" and len(rep.sites) == 2
+    ref = copy.deepcopy(model)
+    ref.bn1.act, ref.se.act1 = nn.ReLU6(), nn.ReLU6()
+    _same(ref, bounded, X)
 
     merged, _ = reparameterize(model, example_inputs=X)
     assert capture_info(merged)["method"] == "torch.export"
@@ -268,3 +273,15 @@ def test_run_ptq_on_architecture_patterns(make, tmp_path) -> None:
     if isinstance(model, SegModel):
         assert res.fake_quant.encoder.output_stride == 4 and res.bounded.name == "seg-like"
         res.fake_quant.check_input_shape(calib)
+
+
+def test_reparameterize_and_bound_on_batchnorm_act_models() -> None:
+    """Traced-through BatchNormAct modules stay bare containers in the result (no BN class that a pass
+    would take for a BatchNorm in training mode)."""
+    model = _prep(EffNetLike(same_pad=False))
+    merged, _ = reparameterize(model)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in merged.modules())
+    _same(model, merged, X)
+    folded, report = fold_batchnorm(merged)
+    assert [e.status for e in report.entries] == ["folded"] * 4
+    _same(model, folded, X)
