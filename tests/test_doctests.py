@@ -7,7 +7,7 @@ import importlib
 import pytest
 
 MODULES = ["calib.spec", "calib.trtcache", "qfold.fold_math", "qfold.metrics", "qfold.bound_math", "qfold.fp16",
-           "qfold.engine", "qfold.examples"]
+           "qfold.engine", "qfold.examples", "qfold.outdir"]
 
 
 @pytest.mark.parametrize("name", MODULES)
