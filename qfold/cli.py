@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--calib-data", help="calibration data for the tensors only the ONNX Runtime rendering quantizes")
         if name == "eval":
             p.add_argument("--engine", required=True, help="engine file from qfold build or qfold ptq")
-        p.set_defaults(func=fn)
+        p.set_defaults(func=fn, parser=p)
     return parser
 
 
@@ -337,10 +337,13 @@ _BAD_INPUT = (ValueError, TypeError, FileNotFoundError, ImportError, PermissionE
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qfold`` console script: 0 done, 2 bad input, 3 accuracy budget exceeded, 1 failure."""
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}; qfold {args.command} does not take them")
     prog = f"qfold {args.command}"
     try:
-        outdir.check_out_dir(args.out)
+        inputs = {f"--{k.replace('_', '-')}": getattr(args, k, None) for k in ("config", "checkpoint", "calib_data", "eval_data", "engine")}
+        outdir.check_out_dir(args.out, inputs={**inputs, "the ONNX": getattr(args, "onnx", None), "--model": getattr(args, "model", None)})
         cfg = _config(args)
         # Backend availability (TensorRT missing) is checked here, once, by issue 13's qfold.engine function.
         with outdir.owned(args.out) as run:

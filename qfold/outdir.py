@@ -70,10 +70,12 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
-def check_out_dir(out: str | os.PathLike, flag: str = "--out") -> Path:
+def check_out_dir(out: str | os.PathLike, flag: str = "--out", inputs: dict[str, str | os.PathLike | None] | None = None) -> Path:
     """Refuse an output folder that is a file, not writable, or holds a user's file qfold could write over.
 
-    Creates nothing. Returns the folder as an absolute path.
+    ``inputs`` (flag -> path) are the run's input files: one that is a file of the earlier qfold run
+    in ``out`` is refused too, as the new run replaces that run's files. Creates nothing. Returns
+    the folder as an absolute path.
     """
     out = Path(out).absolute()
     if out.exists() and not out.is_dir():
@@ -90,6 +92,11 @@ def check_out_dir(out: str | os.PathLike, flag: str = "--out") -> Path:
         if theirs:
             raise OutputDirError(f"{flag} {out} already holds {', '.join(theirs[:3])}{' ...' if len(theirs) > 3 else ''}, which no qfold "
                                  "run wrote there; choose a new or empty folder, or move those files away")
+        for name, path in (inputs or {}).items():
+            p = Path(path).absolute() if path else None
+            if p is not None and p.is_file() and p.parent == out and p.name in ours:
+                raise OutputDirError(f"{name} {path} is a file of the earlier qfold run in {flag} {out}, which this run replaces; "
+                                     f"write to another folder ({flag} {out.name}-2, say)")
     return out
 
 

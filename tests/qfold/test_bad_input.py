@@ -191,6 +191,9 @@ CLI_ROWS = [
     Row("build-garbage-over-engine", ("build", "empty.onnx", "--out", "engine_out"), ("empty.onnx is empty", "qfold export")),
     Row("out-holds-users-config", ("ptq", *M, "--config", "mine/config.toml", "--out", "mine"),
         ("already holds config.toml", "which no qfold run wrote", "choose a new or empty folder")),
+    Row("input-is-a-file-of-the-run-replaced", ("build", "engine_out/engine.ort.onnx", "--out", "engine_out"),
+        ("is a file of the earlier qfold run", "write to another folder")),
+    Row("eval-engine-missing", ("eval", *M, "--engine", "none.ort.onnx", "--out", "o"), ("engine none.ort.onnx does not exist", "qfold build")),
     Row("out-is-a-file", ("calibrate", *M, "--out", "a_file"), ("is a file, not a folder", "pass a folder path")),
     Row("out-below-a-file", ("calibrate", *M, "--out", "a_file/sub"), ("a_file is a file", "pass a folder path")),
     # data against the model
@@ -241,7 +244,7 @@ CLI_ROWS = [
     Row("keep-float-bad-type", ("export", *M, "--config", "c.toml", "--out", "o"), ("export.keep_float must be a list of strings",),
         "[export]\nkeep_float = [1]\n"),
     # CLI surface: each subcommand takes only its own flags
-    Row("fold-takes-no-ptq-flags", ("fold", *M, "--max-drop", "1", "--backend", "tensorrt"), ("unrecognized arguments: --max-drop 1 --backend tensorrt",)),
+    Row("fold-takes-no-ptq-flags", ("fold", *M, "--max-drop", "1", "--backend", "tensorrt"), ("qfold fold: error: unrecognized arguments: --max-drop 1 --backend tensorrt", "see qfold fold --help")),
     Row("calibrate-takes-no-opset", ("calibrate", *M, "--opset", "17"), ("unrecognized arguments: --opset 17",)),
     Row("build-takes-no-model", ("build", "float.onnx", "--model", "qmods:tiny"), ("unrecognized arguments: --model",)),
 ]
