@@ -22,9 +22,9 @@ from calib.atomic import atomic_write_text
 from qfold import evaluate as ev
 from qfold.config import PTQConfig
 from qfold.graph import is_eval, trace
+from qfold.outdir import final_path, owned
 from qfold.quant import QuantPlan, plan_quantization, prepare_fake_quant
 from qfold.quant.prepare import act_quantizers, quant_layers, quantization_disabled, quantizer_name
-from qfold.outdir import final_path, owned
 from qfold.sources import batches
 from qfold.validate import InputWarning, check_model_and_data
 

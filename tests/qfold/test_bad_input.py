@@ -182,6 +182,7 @@ class Row:
     argv: tuple[str, ...]
     expect: tuple[str, ...]
     config: str | None = None
+    cwd: str = "."
 
 
 M = ("--model", "qmods:tiny", "--calib-data", "calib.npz", "--no-progress")
@@ -194,6 +195,8 @@ CLI_ROWS = [
     Row("input-is-a-file-of-the-run-replaced", ("build", "engine_out/engine.ort.onnx", "--out", "engine_out"),
         ("is a file of the earlier qfold run", "write to another folder")),
     Row("eval-engine-missing", ("eval", *M, "--engine", "none.ort.onnx", "--out", "o"), ("engine none.ort.onnx does not exist", "qfold build")),
+    Row("out-dot-holds-users-config", ("ptq", "--model", "qmods:tiny", "--calib-data", "../calib.npz", "--config", "config.toml",
+                                       "--out", "."), ("already holds config.toml", "which no qfold run wrote"), cwd="mine"),
     Row("out-is-a-file", ("calibrate", *M, "--out", "a_file"), ("is a file, not a folder", "pass a folder path")),
     Row("out-below-a-file", ("calibrate", *M, "--out", "a_file/sub"), ("a_file is a file", "pass a folder path")),
     # data against the model
@@ -252,7 +255,7 @@ CLI_ROWS = [
 
 @pytest.mark.parametrize("row", CLI_ROWS, ids=lambda r: r.id)
 def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(row, ws, monkeypatch, capsys):
-    monkeypatch.chdir(ws)
+    monkeypatch.chdir(ws / row.cwd)
     if row.config is not None:
         (ws / "c.toml").write_text(row.config)
     before = _tree(ws)
@@ -391,6 +394,9 @@ def test_bound_mode_off_or_swap_with_bn_after_a_reused_conv_reports_every_call(w
     x = torch.from_numpy(_x(32))
     res = run_ptq(qmods.reused(), x, config=FAST.replace(bound={"mode": mode}), out_dir=tmp_path / "o")
     assert "c" in {layer.name for layer in res.accuracy.layers}
+    assert res.accuracy.stages["folded"].sqnr_db > 100  # the BN it cannot fold is left, so folding stays exact
+    if mode == "preserve":  # the reused conv's group is left as a literal swap, with the reason in the report
+        assert res.accuracy.stages["bounded"].sqnr_db > 100 and "called 2 times" in str(res.reports["bound"])
     ref_model = res.bounded if isinstance(res.bounded, torch.fx.GraphModule) else trace(res.bounded)
     outs: dict[str, list[torch.Tensor]] = {"ref": [], "fq": []}
     hs = [ref_model.get_submodule("c").register_forward_hook(lambda m, i, o: outs["ref"].append(o.double())),
@@ -444,6 +450,31 @@ def test_failed_or_interrupted_run_leaves_the_earlier_run_untouched(ws, tmp_path
         with outdir.owned(out) as run:
             (run.path / "model_qdq.onnx").write_bytes(b"half of a new run")
             raise KeyboardInterrupt
+    assert _tree(out) == before
+
+
+def test_interrupted_ptq_leaves_the_earlier_run_untouched(tmp_path):
+    """Ctrl-C while `qfold ptq --example mobilenetv2` works over a folder holding an earlier run."""
+    import signal
+    import time
+
+    out = tmp_path / "o"
+    with outdir.owned(out) as run:
+        (run.path / "accuracy.md").write_text("the earlier run's report\n")
+        (run.path / "model_qdq.onnx").write_bytes(b"the earlier run's model")
+    before = _tree(out)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, "-m", "qfold", "ptq", "--example", "mobilenetv2", "--out", str(out), "--no-progress"],
+                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while p.poll() is None and time.monotonic() < deadline:  # interrupt once the run has begun writing
+        if any(f.is_file() for st in out.glob(outdir.STAGE_PREFIX + "*") for f in st.iterdir()):
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, "the run ended before it could be interrupted"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     assert _tree(out) == before
 
 
