@@ -91,7 +91,7 @@ def check_out_dir(out: str | os.PathLike, flag: str = "--out", inputs: dict[str,
                         if p.is_file() and p.name not in ours and any(fnmatch.fnmatch(p.name, pat) for pat in ARTIFACT_PATTERNS))
         if theirs:
             raise OutputDirError(f"{flag} {out} already holds {', '.join(theirs[:3])}{' ...' if len(theirs) > 3 else ''}, which no qfold "
-                                 "run wrote there; choose a new or empty folder, or move those files away")
+                                 f"run wrote there (no {RECORD} lists it); choose a new or empty folder, or move those files away")
         for name, path in (inputs or {}).items():
             p = Path(path).absolute() if path else None
             if p is not None and p.is_file() and p.parent == out and p.name in ours:

@@ -301,6 +301,9 @@ def test_help_is_plain_words_lists_examples_and_has_version(capsys):
     from qfold import __version__
 
     assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"qfold {__version__}"
+    with pytest.raises(SystemExit):
+        _build_edge()(["--help"])
+    assert "``" not in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- build_edge rows
