@@ -215,9 +215,12 @@ def _plan(gm: fx.GraphModule, shapes: dict[str, tuple | None], sites: list[str])
                 groups[g].reason = why
 
     def check_fold(bn: fx.Node, n: fx.Node) -> None:
-        """A BatchNorm right after a conv/linear that feeds only it is foldable: it must be folded."""
+        """A BatchNorm right after a conv/linear that feeds only it (and is called once) is foldable: it must be folded.
+
+        A layer module called several times (a reused conv) cannot take a BatchNorm of one call.
+        """
         src = _data(bn)
-        if isinstance(src, fx.Node) and kinds[src.name] == "layer" and len(src.users) == 1:
+        if isinstance(src, fx.Node) and kinds[src.name] == "layer" and len(src.users) == 1 and calls[src.target] == 1:
             raise BoundError(
                 f"BatchNorm {_describe(gm, bn)} (after '{src.target}') is still unfolded next to the ReLU group of "
                 f"'{n.name}'; the rescale needs it folded into '{src.target}'. Run qfold.fold_batchnorm(model) before bound_relu."

@@ -26,6 +26,12 @@ from qfold import config as cfgmod
 from qfold import sources
 
 SECTIONS_OWN = ("model", "data", "output")
+#: The keys of the build file's own sections and their types (a typo is an error, not a silent default).
+OWN_KEYS: dict[str, dict[str, type]] = {
+    "model": {"example": str, "factory": str, "checkpoint": str},
+    "data": {"example": bool, "calib": str, "eval": str},
+    "output": {"dir": str},
+}
 
 
 @dataclass(frozen=True)
@@ -44,11 +50,19 @@ def load_build_spec(path: str | Path) -> BuildSpec:
     path = Path(path)
     data = cfgmod.read_toml(path, "build file")
     own = {k: data.pop(k, {}) for k in SECTIONS_OWN}
+    for sec, keys in OWN_KEYS.items():
+        if not isinstance(own[sec], dict):
+            raise ValueError(f"[{sec}] in build file {path} must be a section (a TOML table), got {own[sec]!r}")
+        bad = sorted(set(own[sec]) - set(keys))
+        if bad:
+            raise ValueError(f"unknown key(s) {bad} in [{sec}] of build file {path}; known: {sorted(keys)}")
+        for k, v in own[sec].items():
+            if not isinstance(v, keys[k]):
+                raise ValueError(f"{sec}.{k} in build file {path} must be a {keys[k].__name__}, got {type(v).__name__} {v!r}")
     if not own["model"]:
         raise ValueError(f"build file {path} has no [model] section (example = \"resnet\" or factory = \"pkg.mod:fn\")")
-    bad = sorted(set(own["model"]) - {"example", "factory", "checkpoint"}) + sorted(set(own["data"]) - {"example", "calib", "eval"})
-    if bad:
-        raise ValueError(f"unknown key(s) {bad} in [model]/[data] of {path}")
+    if ("example" in own["model"]) == ("factory" in own["model"]):
+        raise ValueError(f"[model] in build file {path} needs exactly one of example = \"resnet\" or factory = \"pkg.mod:fn\"")
     out = Path(own["output"].get("dir", "build"))
     base = path.resolve().parent
     return BuildSpec(own["model"], own["data"], out if out.is_absolute() else base / out, cfgmod.from_dict(data), path.resolve())
@@ -115,12 +129,28 @@ def run_build(path: str | Path, out_dir: str | Path | None = None) -> dict[str, 
         qfold.pipeline.QualityGateError: the accuracy budget is exceeded (after every artifact and
             the manifest, which records the excess, are written).
     """
-    from qfold.pipeline import QualityGateError, run_ptq
+    from qfold.outdir import check_out_dir, owned
+    from qfold.pipeline import QualityGateError
+    from qfold.validate import check_model_and_data
 
     spec = load_build_spec(path)
+    out = check_out_dir(spec.out_dir if out_dir is None else Path(out_dir), "output folder")
     model, cx, ex, ey = _inputs(spec)
-    out = spec.out_dir if out_dir is None else Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if spec.config.calib.max_samples is not None:
+        cx = cx[: spec.config.calib.max_samples]
+    check_model_and_data(model, cx, ex, ey, max_drop_pp=spec.config.eval.max_drop_pp)
+    with owned(out, keep_on=(QualityGateError,), flag="output folder") as run:
+        manifest, failure = _build_into(spec, model, cx, ex, ey, run.path)
+        if failure is not None:
+            raise failure
+    return manifest
+
+
+def _build_into(spec: BuildSpec, model: torch.nn.Module, cx: torch.Tensor, ex: torch.Tensor | None, ey: torch.Tensor | None,
+                out: Path) -> tuple[dict[str, Any], Any]:
+    """Run the pipeline into the staging folder ``out`` and write the manifest of exactly its files."""
+    from qfold.pipeline import QualityGateError, run_ptq
+
     atomic_write_text(out / "config.toml", cfgmod.to_toml(spec.config))
     failure: QualityGateError | None = None
     try:
@@ -145,6 +175,4 @@ def run_build(path: str | Path, out_dir: str | Path | None = None) -> dict[str, 
         },
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    if failure is not None:
-        raise failure
-    return manifest
+    return manifest, failure

@@ -15,6 +15,9 @@ CALIB_METHODS = ("max", "percentile", "entropy", "mse")
 BOUND_MODES = ("preserve", "swap", "off")
 BACKENDS = ("onnxruntime", "tensorrt")
 CPU_TARGETS = ("auto", "vnni", "portable", "arm64")  # qfold.engine.cpu.TARGET_CHOICES (docs/cpu-int8-targets.md)
+EXPORTERS = ("torchscript", "dynamo")
+#: Opsets the exporters can write (Q/DQ per-channel needs >= 13; the TorchScript exporter stops at 20).
+OPSET_RANGE = {"torchscript": (13, 20), "dynamo": (18, 23)}
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,10 @@ class CalibSection:
             raise ValueError(f"calib.percentile must be in (0, 100], got {self.percentile}")
         if self.batch_size < 1:
             raise ValueError(f"calib.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_bins < 256:
+            raise ValueError(f"calib.num_bins must be >= 256 (the entropy search needs them), got {self.num_bins}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"calib.max_samples must be >= 1 (or left out for all samples), got {self.max_samples}")
 
 
 @dataclass(frozen=True)
@@ -74,8 +81,13 @@ class ExportSection:
     exporter: str = "torchscript"
 
     def __post_init__(self) -> None:
+        if self.exporter not in EXPORTERS:
+            raise ValueError(f"export.exporter must be one of {EXPORTERS}, got {self.exporter!r}")
+        lo, hi = OPSET_RANGE[self.exporter]
         if self.opset < 13:
             raise ValueError(f"export.opset must be >= 13 (per-channel Q/DQ needs the axis attribute), got {self.opset}")
+        if not lo <= self.opset <= hi:
+            raise ValueError(f"export.opset must be in {lo}..{hi} for the {self.exporter} exporter, got {self.opset}")
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
 
 
@@ -103,6 +115,10 @@ class EvalSection:
     max_drop_pp: float | None = None
     layer_report: bool = True
     plots: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -135,7 +151,13 @@ class PTQConfig:
 
 
 def from_dict(data: dict[str, Any]) -> PTQConfig:
-    """Build a PTQConfig from nested dicts; unknown sections or keys raise ValueError naming them."""
+    """Build a PTQConfig from nested dicts; unknown sections or keys raise ValueError naming them.
+
+    Values are checked against the field types (:func:`qfold.validate.check_types`): a wrong type
+    raises ValueError naming the key, the expected type and the value.
+    """
+    from qfold.validate import check_types
+
     kwargs: dict[str, Any] = {}
     sections = {f.name: f for f in fields(PTQConfig)}
     for name, value in data.items():
@@ -148,9 +170,11 @@ def from_dict(data: dict[str, Any]) -> PTQConfig:
             bad = sorted(set(value) - known)
             if bad:
                 raise ValueError(f"unknown key(s) {bad} in section [{name}]; known: {sorted(known)}")
-            kwargs[name] = cls(**value)
+            kwargs[name] = cls(**check_types(name, cls, value))
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            raise ValueError(f"[{name}] must be a section (a TOML table such as [{name}] with keys), got {type(value).__name__} {value!r}")
         else:
-            kwargs[name] = value
+            kwargs[name] = check_types("", PTQConfig, {name: value})[name]
     return PTQConfig(**kwargs)
 
 

@@ -139,19 +139,22 @@ class _OutputEnergy:
 
     def __init__(self, names: list[str]) -> None:
         self.names = names
-        self.ref: dict[str, torch.Tensor] = {}
+        # a module called several times per forward (a reused conv) has one output per call, in order
+        self.ref: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         self.signal = dict.fromkeys(names, 0.0)
         self.noise = dict.fromkeys(names, 0.0)
 
     def hook_ref(self, name: str):
         def fn(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
-            self.ref[name] = out.detach().double()
+            self.ref[name].append(out.detach().double())
 
         return fn
 
     def hook_test(self, name: str):
         def fn(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
-            ref = self.ref.pop(name)
+            if not self.ref[name]:
+                raise RuntimeError(f"layer {name!r} ran more often in the fake-quant model than in the float model")
+            ref = self.ref[name].pop(0)
             self.signal[name] += float((ref**2).sum())
             self.noise[name] += float(((ref - out.detach().double()) ** 2).sum())
 
@@ -178,6 +181,8 @@ def layer_sqnr(float_model: nn.Module, fq_model: nn.Module, names: list[str], x:
                 xb = x[i : i + batch_size]
                 float_model(xb)
                 fq_model(xb)
+                for n in names:  # calls of the float model that the fake-quant model did not match
+                    acc.ref[n].clear()
     finally:
         for h in handles:
             h.remove()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,11 @@ from calib.atomic import atomic_write_text
 from qfold import evaluate as ev
 from qfold.config import PTQConfig
 from qfold.graph import is_eval, trace
+from qfold.outdir import final_path, owned
 from qfold.quant import QuantPlan, plan_quantization, prepare_fake_quant
 from qfold.quant.prepare import act_quantizers, quant_layers, quantization_disabled, quantizer_name
 from qfold.sources import batches
+from qfold.validate import InputWarning, check_model_and_data
 
 
 #: calibration inputs the engine self-check runs after an ONNX Runtime build.
@@ -56,14 +59,12 @@ class PTQResult:
     artifacts: dict[str, Path] = field(default_factory=dict)
 
 
-def _check_inputs(model: nn.Module, calib_x: torch.Tensor) -> None:
+def _check_inputs(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor | None = None,
+                  eval_y: torch.Tensor | None = None, config: PTQConfig = PTQConfig()) -> None:
     if not is_eval(model):
         raise ValueError("the model is in training mode; call model.eval() before post-training quantization")
-    if calib_x is None or calib_x.shape[0] == 0:
-        raise ValueError("no calibration data: give a few hundred representative inputs (qfold never calibrates on random data)")
-    if not torch.isfinite(calib_x).all():
-        bad = int((~torch.isfinite(calib_x)).flatten(1).any(1).nonzero()[0])
-        raise ValueError(f"calibration data contains NaN/Inf (first at sample {bad}); clean the data before calibrating")
+    for w in check_model_and_data(model, calib_x, eval_x, eval_y, max_drop_pp=config.eval.max_drop_pp):
+        warnings.warn(w, InputWarning, stacklevel=3)
 
 
 def fold_stage(model: nn.Module, config: PTQConfig, example: torch.Tensor | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -180,18 +181,28 @@ def run_ptq(
         config: every option, see :class:`qfold.config.PTQConfig`.
         out_dir: folder for the Q/DQ ONNX, calibration files, engine, reports and plots.
 
+    The run owns ``out_dir`` (:mod:`qfold.outdir`): its files appear there together when it ends,
+    replacing those of an earlier qfold run; a failed run leaves the folder as it was.
+
     Raises:
         qfold.engine.BackendUnavailableError: first, when the configured engine backend cannot run here.
         QualityGateError: after writing everything, when ``config.eval.max_drop_pp`` is exceeded.
+        ValueError: bad input (model, data, labels, output folder), before any work.
     """
-    _check_inputs(model, calib_x)
     from qfold.engine import require_backend
 
     require_backend(config.engine.backend)  # before any work (raises BackendUnavailableError)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if config.calib.max_samples is not None:
+    if config.calib.max_samples is not None and calib_x is not None:
         calib_x = calib_x[: config.calib.max_samples]
+    _check_inputs(model, calib_x, eval_x, eval_y, config)
+    with owned(out_dir, keep_on=(QualityGateError,)) as run:
+        res = _run_ptq_into(model, calib_x, eval_x, eval_y, config, run.path)
+    res.artifacts = {k: run.final(p) for k, p in res.artifacts.items()}
+    return res
+
+
+def _run_ptq_into(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor | None, eval_y: torch.Tensor | None,
+                  config: PTQConfig, out: Path) -> PTQResult:
     eval_x = calib_x if eval_x is None else eval_x
 
     folded, reports = fold_stage(model, config, calib_x[:2])
@@ -229,7 +240,7 @@ def run_ptq(
     budget = config.eval.max_drop_pp
     if budget is not None and drop is not None and drop > budget:
         raise QualityGateError(
-            f"engine top-1 drop {drop:.2f} pp exceeds the budget of {budget:.2f} pp by {drop - budget:.2f} pp (see {out / 'accuracy.md'})",
+            f"engine top-1 drop {drop:.2f} pp exceeds the budget of {budget:.2f} pp by {drop - budget:.2f} pp (see {final_path(out) / 'accuracy.md'})",
             res.accuracy,
         )
     return res

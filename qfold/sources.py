@@ -14,8 +14,17 @@ import torch.nn as nn
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".tif", ".tiff")
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".tar")
+
+
 def _resolve(spec: str, what: str):
     if ":" not in spec:
+        if what == "model factory" and Path(spec).suffix.lower() in CHECKPOINT_SUFFIXES:
+            raise ValueError(f"--model {spec!r} looks like a weights file; qfold needs the architecture too: pass --model "
+                             f"package.module:factory --checkpoint {spec}, or save the whole model with torch.export.save as a .pt2 file")
+        if what == "model factory" and Path(spec).suffix.lower() == ".onnx":
+            raise ValueError(f"--model {spec!r} is an ONNX file; qfold quantizes PyTorch models: pass --model package.module:factory "
+                             "or a .pt2 ExportedProgram (to build an engine from a Q/DQ ONNX, use qfold build)")
         raise ValueError(f"{what} {spec!r} is not of the form 'package.module:name'")
     mod_name, _, attr = spec.partition(":")
     try:
@@ -58,7 +67,11 @@ def load_model(spec: str, checkpoint: str | os.PathLike | None = None) -> nn.Mod
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises several types for corrupt files
-            raise ValueError(f"checkpoint {path} is not a readable torch state_dict ({exc})") from exc
+            raise ValueError(f"checkpoint {path} is not a readable torch state_dict ({_load_failure(exc)}); "
+                             "save it with torch.save(model.state_dict(), path)") from exc
+        if not isinstance(state, dict):
+            raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict; "
+                             "save it with torch.save(model.state_dict(), path)")
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         try:
@@ -66,6 +79,19 @@ def load_model(spec: str, checkpoint: str | os.PathLike | None = None) -> nn.Mod
         except RuntimeError as exc:
             raise ValueError(f"checkpoint {path} does not fit model {spec!r}: {exc}") from exc
     return model.eval()
+
+
+def _load_failure(exc: Exception) -> str:
+    """The cause of a failed ``torch.load(weights_only=True)``, without torch's advice to load unsafely."""
+    text = str(exc)
+    if "Weights only load failed" not in text:
+        return " ".join(text.split())[:200] or type(exc).__name__
+    detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+    detail = detail[0].strip() if detail else ""
+    if detail.startswith("Unsupported global"):
+        name = detail.split("GLOBAL", 1)[-1].split()[0] if "GLOBAL" in detail else "an object"
+        return f"it pickles {name}, not only tensors; qfold loads checkpoints with weights_only=True and will not run pickled code"
+    return f"not a torch checkpoint: {detail or 'unreadable'}"
 
 
 def _from_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:

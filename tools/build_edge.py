@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description="Edge-deployment build: fold, bound, calibrate, export, build and evaluate the model a "
+                                 "build TOML names, into an artifact folder with a manifest. Exit status: 0 built, 2 bad input "
+                                 "(one line), 3 accuracy budget exceeded.")
     ap.add_argument("build_toml", help="the build description (see tools/edge/example.toml)")
     ap.add_argument("--out", help="artifact folder (overrides the file's [output] dir)")
+    ap.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     args = ap.parse_args(argv)
     from qfold.build import run_build
     from qfold.pipeline import QualityGateError
@@ -25,10 +29,20 @@ def main(argv: list[str] | None = None) -> int:
     except QualityGateError as exc:
         print(f"build_edge: {exc}", file=sys.stderr)
         return 3
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        print(f"build_edge: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"built {len(manifest['artifacts'])} artifacts; engine top-1 drop {manifest['accuracy']['engine_top1_drop_pp']:+.2f} pp")
+    except KeyboardInterrupt:
+        print("build_edge: interrupted; the output folder was left as it was", file=sys.stderr)
+        return 130
+    except Exception as exc:  # every error ends in one line; --debug shows where it came from
+        if args.debug:
+            traceback.print_exc()
+        bad = isinstance(exc, (ValueError, TypeError, FileNotFoundError, ImportError, PermissionError, NotADirectoryError))
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"build_edge: error: {text if bad else f'{type(exc).__name__}: {text} (run with --debug for the traceback)'}",
+              file=sys.stderr)
+        return 2 if bad else 1
+    drop = manifest["accuracy"]["engine_top1_drop_pp"]
+    print(f"built {len(manifest['artifacts'])} artifacts; engine top-1 drop "
+          + ("n/a (no labels)" if drop is None else f"{drop:+.2f} pp"))
     for name, digest in manifest["artifacts"].items():
         print(f"  {digest[:16]}  {name}")
     return 0

@@ -127,13 +127,13 @@ def test_cli_subcommands_from_npz_data(tmp_path):
     tx, ty = load_data("test")
     np.savez(tmp_path / "calib.npz", x=cx[:64].numpy())
     np.savez(tmp_path / "test.npz", x=tx[:64].numpy(), y=ty[:64].numpy())
-    common = ["--model", "qfold.examples:load_model", "--calib-data", "calib.npz", "--no-progress", "--method", "max"]
+    common = ["--model", "qfold.examples:load_model", "--calib-data", "calib.npz", "--no-progress"]
     r = _cli("fold", *common, "--out", "f", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     fold = json.loads((tmp_path / "f" / "fold_report.json").read_text())
     assert fold["entries"] and all(e["status"] == "folded" for e in fold["entries"])
     assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(tmp_path / "f" / "model_folded.onnx")).graph.node}
-    r = _cli("export", *common, "--out", "e", cwd=tmp_path)
+    r = _cli("export", *common, "--method", "max", "--out", "e", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     r = _cli("build", "e/model_qdq.onnx", "--out", "nb", cwd=tmp_path)
     assert r.returncode == 0 and "run in float" in r.stderr, r.stderr  # residual conv branches lack amax
