@@ -72,10 +72,11 @@ def hist_empty(channels: int, bins: int = 2048) -> ChannelHistogram:
     return ChannelHistogram(torch.zeros(channels, bins, dtype=torch.int64), z, z.clone(), 0)
 
 
-def channels_first(x: torch.Tensor, axis: int = 1) -> torch.Tensor:
-    """``x`` as a ``(C, M)`` float64 matrix, one row per channel along ``axis``."""
+def channels_first(x: torch.Tensor, axis: int = 1, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+    """``x`` as a ``(C, M)`` matrix of ``dtype`` (None: keep ``x``'s), one row per channel along ``axis``."""
     x = x.detach()
-    return x.movedim(axis, 0).reshape(x.shape[axis], -1).to(torch.float64)
+    x = x.movedim(axis, 0).reshape(x.shape[axis], -1)
+    return x if dtype is None else x.to(dtype)
 
 
 def _pow2_above(v: torch.Tensor) -> torch.Tensor:
@@ -100,12 +101,13 @@ def hist_update(h: ChannelHistogram, x: torch.Tensor) -> ChannelHistogram:
     """Add the values of ``x`` (``(C, M)``, any sign; see :func:`channels_first`) to ``h``."""
     if x.ndim != 2 or x.shape[0] != h.channels:
         raise ValueError(f"expected a ({h.channels}, M) matrix, got shape {tuple(x.shape)}")
-    x = x.to(torch.float64).clamp_min(0.0)
+    # float32 input stays float32 (half the memory traffic): every step below is exact in it
+    x = x.clamp_min(0.0) if x.dtype == torch.float32 else x.to(torch.float64).clamp_min(0.0)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("pre-activations contain NaN or inf; check the model and the calibration data")
     if x.shape[1] == 0:
         return h
-    bmax = x.amax(dim=1)
+    bmax = x.amax(dim=1).to(torch.float64)
     maxv = torch.maximum(h.maxv, bmax)
     hi = torch.maximum(h.hi, _pow2_above(maxv))
     counts = h.counts.clone()
@@ -118,7 +120,11 @@ def hist_update(h: ChannelHistogram, x: torch.Tensor) -> ChannelHistogram:
             counts[sel] = _merge_bins(counts[sel], k)
     bins = h.bins
     mult = torch.where(hi > 0, bins / torch.where(hi > 0, hi, torch.ones_like(hi)), torch.zeros_like(hi))
-    idx = torch.floor(x * mult[:, None]).to(torch.int64).clamp_(0, bins - 1)
+    if x.dtype == torch.float32 and bool(((mult >= 2.0**-126) & (mult <= 2.0**126) | (mult == 0)).all()):
+        # mult is a power of two, a normal float32 here: x * mult is exact, as in float64
+        idx = (x * mult.to(torch.float32)[:, None]).to(torch.int64).clamp_(0, bins - 1)  # x >= 0: trunc is floor
+    else:
+        idx = torch.floor(x.to(torch.float64) * mult[:, None]).to(torch.int64).clamp_(0, bins - 1)
     flat = idx + torch.arange(h.channels, dtype=torch.int64)[:, None] * bins
     counts += torch.bincount(flat.flatten(), minlength=h.channels * bins).reshape(h.channels, bins)
     return ChannelHistogram(counts, hi, maxv, h.n + x.shape[1])
