@@ -300,7 +300,7 @@ def bound_relu(
                 def upd(x: torch.Tensor) -> None:
                     count(x)
                     if s in hists:
-                        hists[s] = bm.hist_update(hists[s], bm.channels_first(x, dtype=None))
+                        hists[s] = bm.hist_update(hists[s], x.detach(), axis=1)
                 return upd
 
             # one pass of the unbounded model: the caps' histograms, and what the report needs from it
