@@ -205,13 +205,14 @@ def _batches(data: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> It
         raise BoundError("calib_data is empty; pass at least one batch")
 
 
-def _shapes(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, tuple | None]:
+def _shapes(gm: fx.GraphModule, batch: torch.Tensor) -> dict[str, tuple | None]:
+    """Every node's output shape, from the first two rows of ``batch`` (enough to tell N from C)."""
     shapes: dict[str, tuple | None] = {}
     try:
-        _Watch(gm, {}, shapes).run(x)
+        _Watch(gm, {}, shapes).run(batch[:2])
     except Exception as exc:
         raise BoundError(
-            f"calib_data batch of shape {tuple(x.shape)} does not fit the model ({type(exc).__name__}: {exc}); "
+            f"calib_data batch of shape {tuple(batch.shape)} does not fit the model ({type(exc).__name__}: {exc}); "
             "pass batches shaped like the model's input, e.g. (N, C, H, W)"
         ) from exc
     return shapes
@@ -286,6 +287,7 @@ def bound_relu(
 
     scales: dict[int, torch.Tensor] = {}
     groups, group_of, consumers = [], {}, {}
+    fp32 = _Reference(sites) if batches is not None else None
     if config.mode == "preserve" and sites:
         with _eval_mode(gm):
             shapes = _shapes(gm, next(iter(batches())))
@@ -294,13 +296,18 @@ def bound_relu(
             hists = {s: bm.hist_empty(shapes[s][1], config.bins) for s in live}
 
             def updater(s: str):
+                count = fp32.counter(s)
+
                 def upd(x: torch.Tensor) -> None:
-                    hists[s] = bm.hist_update(hists[s], bm.channels_first(x))
+                    count(x)
+                    if s in hists:
+                        hists[s] = bm.hist_update(hists[s], x.detach(), axis=1)
                 return upd
 
-            watch = {s: updater(s) for s in live}
+            # one pass of the unbounded model: the caps' histograms, and what the report needs from it
+            watch = {s: updater(s) for s in sites}
             for x in batches():
-                _Watch(gm, watch).run(x)
+                fp32.add_outputs(_Watch(gm, watch).run(x))
         for g, grp in enumerate(groups):
             if not grp.reason:
                 q = torch.stack([bm.hist_quantile(hists[s], config.quantile) for s in grp.sites]).amax(dim=0)
@@ -321,7 +328,7 @@ def bound_relu(
 
     above, clipped, samples, sqnr, agree = {}, {}, 0, None, None
     if batches is not None:
-        above, clipped, samples, sqnr, agree = _measure(gm, bgm, batches, sites, new_names)
+        above, clipped, samples, sqnr, agree = _measure(gm, bgm, batches, sites, new_names, fp32 if fp32.outputs else None)
     reports = []
     for s in sites:
         g = group_of.get(s)
@@ -347,29 +354,68 @@ def _rescale(m: nn.Module, *, out_scale: torch.Tensor | None = None, in_scale: t
             m.bias.copy_(b)
 
 
-def _measure(gm, bgm, batches, sites, new_names):
-    """Stream the data through both models: fraction > 6 per site, output SQNR, top-1 agreement."""
-    over = dict.fromkeys(sites, 0)
-    clip = dict.fromkeys(sites, 0)
-    total = dict.fromkeys(sites, 0)
+class _Reference:
+    """What the report needs from the unbounded model, gathered during the statistics pass.
 
-    def count(store: dict, s: str, with_total: bool):
+    Per site the count of pre-activations above 6 and of all values; the model's outputs per
+    batch, so the bounded model's pass compares against them instead of running the unbounded
+    model a second time. Outputs are kept up to ``keep_bytes`` in all (logits are a few KiB per
+    sample); past that (dense outputs) they are dropped and the report re-runs the model.
+    """
+
+    def __init__(self, sites: dict[str, bool], keep_bytes: int = 256 << 20) -> None:
+        self.over = dict.fromkeys(sites, 0)
+        self.total = dict.fromkeys(sites, 0)
+        self.outputs: list[list[torch.Tensor]] | None = []
+        self.keep_bytes = keep_bytes
+
+    def counter(self, s: str):
         def fn(x: torch.Tensor) -> None:
-            store[s] += int((x > bm.RELU6_CAP).sum())
-            if with_total:
-                total[s] += x.numel()
+            self.over[s] += int((x > bm.RELU6_CAP).sum())
+            self.total[s] += x.numel()
         return fn
 
-    ref_watch = {s: count(over, s, True) for s in sites}
-    b_watch = {new_names[s]: count(clip, s, False) for s in sites}
+    def add_outputs(self, out: object) -> None:
+        if self.outputs is None:
+            return
+        self.outputs.append([t for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+        self.keep_bytes -= sum(t.numel() * t.element_size() for t in self.outputs[-1])
+        if self.keep_bytes < 0:
+            self.outputs = None
+
+
+def _measure(gm, bgm, batches, sites, new_names, fp32: _Reference | None = None):
+    """Stream the data through both models: fraction > 6 per site, output SQNR, top-1 agreement.
+
+    With ``fp32`` (gathered by the statistics pass over the same batches) only the bounded
+    model runs here.
+    """
+    clip = dict.fromkeys(sites, 0)
+
+    def count_clip(s: str):
+        def fn(x: torch.Tensor) -> None:
+            clip[s] += int((x > bm.RELU6_CAP).sum())
+        return fn
+
+    if not sites:  # nothing rewritten but existing ReLU6 forms: the same function, exactly
+        return _measure_unchanged(gm, batches)
+    ref_pass = fp32 is None
+    if ref_pass:
+        fp32 = _Reference(sites)
+    ref_watch = {s: fp32.counter(s) for s in sites}
+    b_watch = {new_names[s]: count_clip(s) for s in sites}
     signal = noise = 0.0
     same = rows = samples = 0
     top1 = True
     with _eval_mode(gm, bgm):
         for i, x in enumerate(batches()):
-            if i == 0:
+            if i == 0 and ref_pass:
                 _shapes(gm, x)  # a clear error for data of the wrong shape
-            ref = [t for t in tree_leaves(_Watch(gm, ref_watch).run(x)) if isinstance(t, torch.Tensor)]
+            if ref_pass:
+                fp32.add_outputs(_Watch(gm, ref_watch).run(x))
+            elif i >= len(fp32.outputs):
+                raise BoundError("calib_data yielded more batches on the second read than on the first; pass data that reads the same every time")
+            ref = fp32.outputs[i]
             out = [t for t in tree_leaves(_Watch(bgm, b_watch).run(x)) if isinstance(t, torch.Tensor)]
             samples += x.shape[0]
             for r, o in zip(ref, out):
@@ -380,7 +426,25 @@ def _measure(gm, bgm, batches, sites, new_names):
             if top1:
                 same += int((ref[0].argmax(dim=1) == out[0].argmax(dim=1)).sum())
                 rows += ref[0].shape[0]
-    above = {s: over[s] / total[s] if total[s] else 0.0 for s in sites}
+            if ref_pass:
+                fp32.outputs[i] = []  # streamed: one batch of outputs at a time
+    total = fp32.total
+    above = {s: fp32.over[s] / total[s] if total[s] else 0.0 for s in sites}
     clipped = {s: clip[s] / total[s] if total[s] else 0.0 for s in sites}
     agree = same / rows if top1 and rows else None
     return above, clipped, samples, sqnr_db_from_energy(signal, noise), agree
+
+
+def _measure_unchanged(gm, batches):
+    """The report of a model without ReLU sites: the bounded model only normalizes existing
+    ReLU6 / Hardtanh(0, 6) calls to ``nn.ReLU6``, which computes the same values, so the output
+    SQNR is +inf and the top-1 agreement 1 (for (N, classes) outputs) without running both models."""
+    samples, top1 = 0, None
+    with _eval_mode(gm):
+        for i, x in enumerate(batches()):
+            if i == 0:
+                _shapes(gm, x)  # a clear error for data of the wrong shape
+                out = [t for t in tree_leaves(_Watch(gm, {}).run(x[:1])) if isinstance(t, torch.Tensor)]
+                top1 = 1.0 if out and out[0].ndim == 2 else None
+            samples += x.shape[0]
+    return {}, {}, samples, sqnr_db_from_energy(1.0, 0.0), top1

@@ -96,16 +96,25 @@ def _merge_bins(counts: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-def hist_update(h: ChannelHistogram, x: torch.Tensor) -> ChannelHistogram:
-    """Add the values of ``x`` (``(C, M)``, any sign; see :func:`channels_first`) to ``h``."""
-    if x.ndim != 2 or x.shape[0] != h.channels:
-        raise ValueError(f"expected a ({h.channels}, M) matrix, got shape {tuple(x.shape)}")
-    x = x.to(torch.float64).clamp_min(0.0)
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("pre-activations contain NaN or inf; check the model and the calibration data")
-    if x.shape[1] == 0:
+def hist_update(h: ChannelHistogram, x: torch.Tensor, axis: int = 0) -> ChannelHistogram:
+    """Add the values of ``x`` (any sign) to ``h``; ``x`` has the ``C`` channels along ``axis``.
+
+    ``(C, M)`` with ``axis=0`` (see :func:`channels_first`), or an activation as it comes, e.g.
+    ``(N, C, H, W)`` with ``axis=1``, which saves the transposed copy. The counts depend only on
+    the values per channel, not on the layout or the order they arrive in.
+    """
+    if x.ndim < 1 or not -x.ndim <= axis < x.ndim or x.shape[axis] != h.channels:
+        raise ValueError(f"expected {h.channels} channels along axis {axis}, got shape {tuple(x.shape)}")
+    axis %= x.ndim
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float64)
+    per_channel = x.numel() // h.channels if h.channels else 0
+    if per_channel == 0:
         return h
-    bmax = x.amax(dim=1)
+    others = tuple(d for d in range(x.ndim) if d != axis)
+    bmax = (x.amax(dim=others) if others else x).to(torch.float64).clamp_min(0.0)  # NaN and +inf propagate
+    if not bool(torch.isfinite(bmax).all()):
+        raise ValueError("pre-activations contain NaN or inf; check the model and the calibration data")
     maxv = torch.maximum(h.maxv, bmax)
     hi = torch.maximum(h.hi, _pow2_above(maxv))
     counts = h.counts.clone()
@@ -118,10 +127,19 @@ def hist_update(h: ChannelHistogram, x: torch.Tensor) -> ChannelHistogram:
             counts[sel] = _merge_bins(counts[sel], k)
     bins = h.bins
     mult = torch.where(hi > 0, bins / torch.where(hi > 0, hi, torch.ones_like(hi)), torch.zeros_like(hi))
-    idx = torch.floor(x * mult[:, None]).to(torch.int64).clamp_(0, bins - 1)
-    flat = idx + torch.arange(h.channels, dtype=torch.int64)[:, None] * bins
-    counts += torch.bincount(flat.flatten(), minlength=h.channels * bins).reshape(h.channels, bins)
-    return ChannelHistogram(counts, hi, maxv, h.n + x.shape[1])
+    shape = [1] * x.ndim
+    shape[axis] = h.channels
+    if not (x.dtype == torch.float32 and bool(((mult >= 2.0**-126) & (mult <= 2.0**126) | (mult == 0)).all())):
+        x = x.to(torch.float64)
+    # mult is a power of two (a normal float32 on the float32 path), so x * mult is exact; after
+    # clamping negatives to 0, x * mult < bins and truncation is the floor: the bin of relu(x)
+    scaled = (x * mult.to(x.dtype).view(shape)).clamp_min_(0.0)
+    itype = torch.int32 if h.channels * bins < 2**31 else torch.int64
+    idx = scaled.to(itype)
+    del scaled
+    idx += (torch.arange(h.channels, dtype=itype) * bins).view(shape)
+    counts += torch.bincount(idx.reshape(-1), minlength=h.channels * bins).reshape(h.channels, bins)
+    return ChannelHistogram(counts, hi, maxv, h.n + per_channel)
 
 
 def hist_quantile(h: ChannelHistogram, quantile: float) -> torch.Tensor:

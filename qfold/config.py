@@ -109,12 +109,22 @@ class EngineSection:
 
 @dataclass(frozen=True)
 class EvalSection:
-    """Step 6: evaluation; ``max_drop_pp`` fails the run when the engine's top-1 drop exceeds it."""
+    """Step 6: evaluation; ``max_drop_pp`` fails the run when the engine's top-1 drop exceeds it.
+
+    ``stage_samples`` (default: all) measures the ``folded`` and ``bounded`` stages and the
+    per-layer report on the first that many evaluation samples only, for speed; the fake-quant
+    and engine stages always see every sample. The report says how many each stage saw.
+    """
 
     batch_size: int = 256
     max_drop_pp: float | None = None
     layer_report: bool = True
     plots: bool = True
+    stage_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage_samples is not None and self.stage_samples < 1:
+            raise ValueError(f"eval.stage_samples must be >= 1 (or unset for all samples), got {self.stage_samples}")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -49,14 +49,21 @@ class AccuracyReport:
     reference: dict[str, float | None]
     stages: dict[str, StageMetrics] = field(default_factory=dict)
     layers: list[LayerMetrics] = field(default_factory=list)
+    stage_samples: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        """JSON-ready: ``stages.<stage>.{top1, top5, agreement, sqnr_db, max_abs_err}``, ``layers[]``."""
-        return {
+        """JSON-ready: ``stages.<stage>.{top1, top5, agreement, sqnr_db, max_abs_err}``, ``layers[]``.
+
+        ``stage_samples`` (stage or "layers" -> samples) only when some were measured on a subset.
+        """
+        out = {
             "reference": self.reference,
             "stages": {k: asdict(v) for k, v in self.stages.items()},
             "layers": [asdict(layer) for layer in self.layers],
         }
+        if self.stage_samples:
+            out["stage_samples"] = dict(self.stage_samples)
+        return out
 
     def drop_pp(self, stage: str = "engine") -> float | None:
         """Top-1 drop in percentage points of ``stage`` against the reference (None without labels)."""
@@ -74,6 +81,7 @@ class AccuracyReport:
             "",
             f"FP32 reference: top-1 {pct(ref.get('top1'))}, top-5 {pct(ref.get('top5'))}, {ref.get('samples')} samples.",
             "",
+            *([f"Measured on a subset for speed (samples per stage): {', '.join(f'{k} {v}' for k, v in self.stage_samples.items())}.", ""] if self.stage_samples else []),
             "| stage | top-1 | top-5 | top-1 drop (pp) | agreement | SQNR (dB) | max abs err |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -104,12 +112,15 @@ def run_logits(fn: Callable[[torch.Tensor], torch.Tensor | np.ndarray], x: torch
 
     outs = []
     starts = range(0, x.shape[0], batch_size)
-    with torch.no_grad():
+    with torch.inference_mode():
         for i in tqdm(starts, desc=desc or "evaluate", disable=not progress, leave=False):
-            out = fn(x[i : i + batch_size])
-            out = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
-            outs.append(out.astype(np.float64))
+            outs.append(_as_float64(fn(x[i : i + batch_size])))
     return np.concatenate(outs)
+
+
+def _as_float64(out: torch.Tensor | np.ndarray) -> np.ndarray:
+    out = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+    return out.astype(np.float64)
 
 
 def reference_metrics(ref: np.ndarray, labels: torch.Tensor | None) -> dict[str, float | None]:
@@ -170,23 +181,38 @@ def layer_sqnr(float_model: nn.Module, fq_model: nn.Module, names: list[str], x:
     Both models must have a module at each name (the fake-quant model keeps the float model's
     names: a quantized layer is wrapped under its own name). Hooks are removed on exit.
     """
+    return paired_logits(float_model, fq_model, names, x, batch_size)[2]
+
+
+def paired_logits(
+    float_model: nn.Module, fq_model: nn.Module, names: list[str], x: torch.Tensor, batch_size: int, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """One pass of both models over ``x``: their outputs (as :func:`run_logits`) and :func:`layer_sqnr`.
+
+    Each batch runs through ``float_model`` then ``fq_model``, so the per-layer comparison needs
+    one batch of layer outputs in memory, and neither model has to run over ``x`` again for its
+    own stage metrics.
+    """
+    from tqdm.auto import tqdm
+
     acc = _OutputEnergy(names)
     handles = []
+    outs: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     try:
         for n in names:
             handles.append(float_model.get_submodule(n).register_forward_hook(acc.hook_ref(n)))
             handles.append(fq_model.get_submodule(n).register_forward_hook(acc.hook_test(n)))
-        with torch.no_grad():
-            for i in range(0, x.shape[0], batch_size):
+        with torch.inference_mode():
+            for i in tqdm(range(0, x.shape[0], batch_size), desc="bounded + fake-quant", disable=not progress, leave=False):
                 xb = x[i : i + batch_size]
-                float_model(xb)
-                fq_model(xb)
+                for model, store in zip((float_model, fq_model), outs):
+                    store.append(_as_float64(model(xb)))
                 for n in names:  # calls of the float model that the fake-quant model did not match
                     acc.ref[n].clear()
     finally:
         for h in handles:
             h.remove()
-    return {n: acc.sqnr(n) for n in names}
+    return np.concatenate(outs[0]), np.concatenate(outs[1]), {n: acc.sqnr(n) for n in names}
 
 
 def save_plots(report: AccuracyReport, histograms: dict[str, tuple[np.ndarray, np.ndarray, float]], out_dir: str | Path, worst: int = 4) -> list[Path]:

@@ -289,23 +289,41 @@ def _layer_inputs(plan: QuantPlan, fq: fx.GraphModule) -> dict[str, str]:
 
 
 def evaluate_stages(model: nn.Module, res: PTQResult, engine: Any, x: torch.Tensor, y: torch.Tensor | None, config: PTQConfig) -> ev.AccuracyReport:
-    """Every stage against the original model, and every quantized layer's SQNR."""
+    """Every stage against the original model, and every quantized layer's SQNR.
+
+    Each model runs once over ``x``: the FP32 reference (reused by every comparison), the folded
+    model, the bounded and fake-quant models together (their per-layer outputs give the layer
+    report in the same pass) and the engine. ``eval.stage_samples`` limits the folded and bounded
+    stages and the layer report to the first samples.
+    """
     bs, prog = config.eval.batch_size, config.progress
+    n = x.shape[0] if config.eval.stage_samples is None else min(config.eval.stage_samples, x.shape[0])
     ref = ev.run_logits(model, x, bs, prog, "FP32")
     report = ev.AccuracyReport(reference=ev.reference_metrics(ref, y))
-    stages = {"folded": res.folded, "bounded": res.bounded, "fake_quant": res.fake_quant}
-    for name, m in stages.items():
-        if name == "bounded" and res.bounded is res.folded:
-            continue
-        report.stages[name] = ev.stage_metrics(ref, ev.run_logits(m, x, bs, prog, name), y)
+    ys = None if y is None else y[:n]
+    has_bound = res.bounded is not res.folded
+    names = sorted(res.plan.layers) if config.eval.layer_report else []
+    outs = {} if names and not has_bound else {"folded": ev.run_logits(res.folded, x[:n], bs, prog, "folded")}
+    float_model = res.bounded if has_bound else res.folded  # the last float stage, paired with fake-quant
+    if names and not isinstance(float_model, fx.GraphModule):
+        float_model = trace(float_model)
+    if names or has_bound:
+        float_out, fq_head, sq = ev.paired_logits(float_model, res.fake_quant, names, x[:n], bs, prog)
+        outs["bounded" if has_bound else "folded"] = float_out
+        fq_out = fq_head if n == x.shape[0] else np.concatenate([fq_head, ev.run_logits(res.fake_quant, x[n:], bs, prog, "fake_quant")])
+    else:
+        fq_out, sq = ev.run_logits(res.fake_quant, x, bs, prog, "fake_quant"), {}
+    for name, out in outs.items():
+        report.stages[name] = ev.stage_metrics(ref[:n], out, ys)
+    report.stages["fake_quant"] = ev.stage_metrics(ref, fq_out, y)
     run_engine = lambda xb: engine.run(xb.numpy().astype(np.float32))  # noqa: E731
     report.stages["engine"] = ev.stage_metrics(ref, ev.run_logits(run_engine, x, bs, prog, "engine"), y)
-    if config.eval.layer_report:
-        names = sorted(res.plan.layers)
-        sq = ev.layer_sqnr(res.bounded if isinstance(res.bounded, fx.GraphModule) else trace(res.bounded), res.fake_quant, names, x, bs)
+    if n < x.shape[0]:
+        report.stage_samples = {**dict.fromkeys(outs, n), "fake_quant": x.shape[0], "engine": x.shape[0], **({"layers": n} if names else {})}
+    if names:
         inputs = _layer_inputs(res.plan, res.fake_quant)
         report.layers = sorted(
-            (ev.LayerMetrics(n, res.plan.layers[n].type, sq[n], res.amax.get(inputs.get(n, ""))) for n in names),
+            (ev.LayerMetrics(k, res.plan.layers[k].type, sq[k], res.amax.get(inputs.get(k, ""))) for k in names),
             key=lambda layer: (layer.sqnr_db, layer.name),
         )
     return report
