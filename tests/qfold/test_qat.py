@@ -396,7 +396,7 @@ def test_ddp_two_gloo_ranks_keep_amax_identical(tmp_path):
 
 
 def test_lightning_callback_steps_the_schedule():
-    pl = pytest.importorskip("lightning.pytorch", reason="PyTorch Lightning is an optional dependency (pip install qfold[lightning])")
+    pl = pytest.importorskip("lightning.pytorch", reason="PyTorch Lightning is an optional dependency (pip install -e \".[lightning]\" from the checkout)")
     assert issubclass(qat.QATCallback, pl.Callback)
     qm = qat.prepare(TinyNet().train(), torch.rand(8, 1, 8, 8))
     qat.QATCallback().on_train_batch_end(None, qm, None, None, 0)
