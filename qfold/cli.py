@@ -2,7 +2,8 @@
 
 Subcommands run the pipeline up to their step and write that step's artifacts:
 ``fold`` -> ``bound`` -> ``calibrate`` -> ``export``; ``build`` turns a Q/DQ ONNX into an engine;
-``eval`` measures an engine against the FP32 model; ``ptq`` does everything.
+``eval`` measures an engine against the FP32 model; ``sensitivity`` ranks the quantized layers;
+``ptq`` does everything (``--fallback auto`` searches the layers to keep float for ``--max-drop``).
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ def _add_option_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--opset", type=int, help="ONNX opset (>= 13, default 17)")
     g.add_argument("--backend", choices=cfgmod.BACKENDS, help="engine backend (default: onnxruntime)")
     g.add_argument("--max-drop", type=float, metavar="PP", help="exit non-zero when the engine's top-1 drop exceeds PP points")
+    g.add_argument("--fallback", choices=cfgmod.FALLBACK_MODES,
+                   help="auto: keep the fewest layers float (FP16 on TensorRT) so the engine's drop is within --max-drop")
 
 
 def _config(args: argparse.Namespace) -> cfgmod.PTQConfig:
@@ -63,6 +66,7 @@ def _config(args: argparse.Namespace) -> cfgmod.PTQConfig:
     put("export", "opset", getattr(args, "opset", None))
     put("engine", "backend", getattr(args, "backend", None))
     put("eval", "max_drop_pp", getattr(args, "max_drop", None))
+    put("eval", "fallback", getattr(args, "fallback", None))
     cfg = base.replace(**over) if over else base
     if getattr(args, "no_progress", False):
         cfg = cfgmod.from_dict({**cfg.to_dict(), "progress": False})
@@ -227,6 +231,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from qfold.sensitivity import analyze
+
+    cfg = _config(args)
+    model, calib_x, eval_x, eval_y = _load(args)
+    report = analyze(model, calib_x, eval_x, eval_y, cfg)
+    paths = report.save(Path(args.out), plot=cfg.eval.plots)
+    print(report.to_markdown())
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog="qfold", description=__doc__.split("\n")[0])
@@ -239,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("export", cmd_export, "fold, bound, calibrate, export the TensorRT-profile Q/DQ ONNX"),
         ("build", cmd_build, "build an engine from a Q/DQ ONNX"),
         ("eval", cmd_eval, "measure an engine against the FP32 model"),
+        ("sensitivity", cmd_sensitivity, "rank the quantized layers: output when only one is quantized / only one is float"),
     ]
     for name, fn, help_ in specs:
         p = sub.add_parser(name, help=help_, description=help_)

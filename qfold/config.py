@@ -11,9 +11,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-CALIB_METHODS = ("max", "percentile", "entropy", "mse")
+CALIB_METHODS = ("max", "percentile", "entropy", "mse", "auto")
 BOUND_MODES = ("preserve", "swap", "off")
 BACKENDS = ("onnxruntime", "tensorrt")
+FALLBACK_MODES = ("off", "auto")
 
 
 @dataclass(frozen=True)
@@ -93,12 +94,25 @@ class EngineSection:
 
 @dataclass(frozen=True)
 class EvalSection:
-    """Step 6: evaluation; ``max_drop_pp`` fails the run when the engine's top-1 drop exceeds it."""
+    """Step 6: evaluation; ``max_drop_pp`` fails the run when the engine's top-1 drop exceeds it.
+
+    ``fallback = "auto"`` searches the fewest layers to keep float (FP16 on TensorRT) so the
+    engine's measured drop is within ``max_drop_pp`` (:mod:`qfold.fallback`); ``sensitivity``
+    adds the per-layer sensitivity table and plot to the report (always on with the search).
+    """
 
     batch_size: int = 256
     max_drop_pp: float | None = None
     layer_report: bool = True
     plots: bool = True
+    fallback: str = "off"
+    sensitivity: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fallback not in FALLBACK_MODES:
+            raise ValueError(f"eval.fallback must be one of {FALLBACK_MODES}, got {self.fallback!r}")
+        if self.fallback == "auto" and self.max_drop_pp is None:
+            raise ValueError("eval.fallback = 'auto' needs eval.max_drop_pp (the budget the search meets; CLI --max-drop PP)")
 
 
 @dataclass(frozen=True)
