@@ -6,8 +6,8 @@ auto``). The search:
 1. ranks the quantized layers with :func:`qfold.sensitivity.layer_sensitivity` on (the first
    ``RANK_SAMPLES`` of) the evaluation data, most sensitive first;
 2. builds the real engine with the first ``k`` ranked layers kept float, for ``k = 0, 1, 2, 4, 8,
-   ...`` until the measured top-1 drop is within the budget, then bisects ``k`` between the last
-   miss and the first hit (fewer layers);
+   ...`` (at most all layers but one) until the measured top-1 drop is within the budget, then
+   bisects ``k`` between the last miss and the first hit (fewer layers);
 3. tries to give each kept layer back to int8, least sensitive first, keeping every removal that
    stays within the budget.
 
@@ -241,14 +241,15 @@ def search_fallback(
         hit = None
         miss = 0
         k = 0
+        limit = len(ranking) - 1  # at least one layer stays int8 (an all-float model is not a quantized build)
         while True:
             if b.measure(prefix(k), "grow").meets_budget:
                 hit = k
                 break
             miss = k
-            if k == len(ranking):
+            if k >= limit:
                 break
-            k = min(len(ranking), max(1, 2 * k))
+            k = min(limit, max(1, 2 * k))
         if hit is not None:
             lo, hi = miss, hit  # prefix(lo) misses (or lo == hi == 0), prefix(hi) meets
             while hi - lo > 1:

@@ -2,7 +2,7 @@
 
     python tools/bench_mixed.py sensitivity [--samples 256]      cone re-evaluation vs full re-runs
     python tools/bench_mixed.py calib                            fake-quant output SQNR per method
-    python tools/bench_mixed.py fallback [--budgets 0.1 0.3 1.0] [--method max]
+    python tools/bench_mixed.py fallback [--budgets 0.1 0.3 1.0] [--method max] [--models resnet ...]
 
 Reference models and data: ``qfold.examples`` (512 calibration / 1,000 test MNIST images). One
 intra-op thread (the machine is shared); timings are ratios measured in one process.
@@ -95,14 +95,14 @@ def bench_calib() -> str:
     return "\n".join(rows)
 
 
-def bench_fallback(budgets: list[float], method: str, bound: str) -> str:
+def bench_fallback(budgets: list[float], method: str, bound: str, models: list[str]) -> str:
     from qfold.fallback import search_fallback
 
     tx, ty = load_data("test")
     rows = [f"calib.method = {method}, bound.mode = {bound}", "",
             "| model | budget (pp) | all-int8 drop (pp) | met | drop (pp) | float layers | engine builds | speed vs all-int8 | search s |",
             "|---|---|---|---|---|---|---|---|---|"]
-    for name in MODELS:
+    for name in models:
         cx, _ = load_data("calib")
         model = load_model(name)
         for b in budgets:
@@ -116,6 +116,7 @@ def bench_fallback(budgets: list[float], method: str, bound: str) -> str:
             rows.append(f"| {name} | {b} | {fb.steps[0].drop_pp:+.2f} | {'yes' if fb.met else 'no'} | {c.drop_pp:+.2f} | "
                         f"{', '.join(c.float_layers) or '-'} | {len(fb.steps)} | {c.speed_vs_int8:.2f}x | {fb.seconds:.1f} |")
             print(rows[-1], flush=True)
+            print(fb.to_markdown(), flush=True)
     return "\n".join(rows)
 
 
@@ -127,11 +128,12 @@ def main() -> None:
     ap.add_argument("--method", default="max")
     ap.add_argument("--bound", default="preserve")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--out")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     text = {"sensitivity": lambda: bench_sensitivity(a.samples), "calib": bench_calib,
-            "fallback": lambda: bench_fallback(a.budgets, a.method, a.bound)}[a.what]()
+            "fallback": lambda: bench_fallback(a.budgets, a.method, a.bound, a.models)}[a.what]()
     if a.out:
         Path(a.out).write_text(text + "\n")
 
