@@ -139,4 +139,8 @@ def compute_amax(h: Histogram, method: CalibMethod | str) -> float:
         return amax_percentile(h, m.percentile)
     if m.name == "entropy":
         return amax_entropy(h, m.levels, m.start_bin)
+    if m.name == "auto":
+        from calib.auto import auto_amax  # calib.auto builds on this module
+
+        return auto_amax(h, percentile=m.percentile, num_bits=m.num_bits, start_bin=m.start_bin).amax
     return amax_mse(h, m.num_bits, m.start_bin)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from calib.errors import CalibrationError
 
-METHODS = ("max", "percentile", "entropy", "mse")
+METHODS = ("max", "percentile", "entropy", "mse", "auto")
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,9 @@ class CalibMethod:
 
     Attributes:
         name: "max" (exact max |x|), "percentile" (the ``percentile`` quantile of |x|), "entropy"
-            (TensorRT's KL-divergence threshold search) or "mse" (least squared quantization error).
+            (TensorRT's KL-divergence threshold search), "mse" (least squared quantization error) or
+            "auto" (per tensor, the candidate of the four with the least output-error estimate,
+            :mod:`calib.auto`).
         percentile: for "percentile", in (0, 100]; 99.99 is pytorch-quantization's default.
         num_bits: quantized width; entropy merges into ``2**(num_bits-1)`` levels (128 for int8).
         start_bin: smallest candidate threshold, in histogram bins, for "entropy" and "mse"

@@ -2,7 +2,8 @@
 
 Subcommands run the pipeline up to their step and write that step's files: fold, then bound,
 then calibrate, then export (the Q/DQ ONNX); build turns a Q/DQ ONNX into an engine; eval
-measures an engine against the FP32 model; ptq does everything. Flags map onto
+measures an engine against the FP32 model; sensitivity ranks the quantized layers; ptq does
+everything (with --fallback auto it keeps the fewest layers float to meet --max-drop). Flags map onto
 qfold.config.PTQConfig. Every input is checked before the work starts: bad input exits with
 status 2 and one line naming the cause and the fix.
 """
@@ -98,6 +99,15 @@ def _backend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-target", choices=cfgmod.CPU_TARGETS, help=_CPU_TARGET_HELP)
 
 
+def _fallback(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fallback", choices=cfgmod.FALLBACK_MODES,
+                   help="auto: keep the fewest layers float (FP16 on TensorRT) so the engine's drop is within --max-drop")
+
+
+def _sensitivity_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-data", help="as --calib-data; labels ('y' in a .npz) add the top-1 drop to the ranking")
+
+
 def _config(args: argparse.Namespace) -> cfgmod.PTQConfig:
     base = cfgmod.load_config(args.config) if getattr(args, "config", None) else cfgmod.PTQConfig()
     over: dict[str, dict] = {}
@@ -116,6 +126,7 @@ def _config(args: argparse.Namespace) -> cfgmod.PTQConfig:
     put("engine", "backend", getattr(args, "backend", None))
     put("engine", "cpu_target", getattr(args, "cpu_target", None))
     put("eval", "max_drop_pp", getattr(args, "max_drop", None))
+    put("eval", "fallback", getattr(args, "fallback", None))
     cfg = base.replace(**over) if over else base
     if getattr(args, "no_progress", False):
         cfg = cfgmod.from_dict({**cfg.to_dict(), "progress": False})
@@ -318,10 +329,21 @@ def cmd_eval(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -
     return 0
 
 
+def cmd_sensitivity(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -> int:
+    from qfold.sensitivity import analyze
+
+    model, calib_x, eval_x, eval_y = _load(args, cfg)
+    report = analyze(model, calib_x, eval_x, eval_y, cfg)
+    paths = report.save(run.path, plot=cfg.eval.plots)
+    print(report.to_markdown())
+    print("wrote " + ", ".join(str(run.final(p)) for p in paths))
+    return 0
+
+
 #: name -> (function, one-line help, parent parsers of its own flags)
 _COMMANDS: dict[str, tuple[Any, str, tuple[Any, ...]]] = {
     "ptq": (cmd_ptq, "the whole path: fold, bound, calibrate, export, build, evaluate",
-            (_common, _model, _eval_data, _fold, _bound, _calib, _keep_float, _opset, _backend)),
+            (_common, _model, _eval_data, _fallback, _fold, _bound, _calib, _keep_float, _opset, _backend)),
     "fold": (cmd_fold, "merge branches and fold BatchNorm; writes the report and a float ONNX", (_common, _model, _fold)),
     "bound": (cmd_bound, "fold, then ReLU -> ReLU6; writes the report and a float ONNX", (_common, _model, _fold, _bound)),
     "calibrate": (cmd_calibrate, "fold, bound, calibrate; writes calibration.json",
@@ -330,6 +352,8 @@ _COMMANDS: dict[str, tuple[Any, str, tuple[Any, ...]]] = {
                (_common, _model, _fold, _bound, _calib, _keep_float, _opset)),
     "build": (cmd_build, "build an engine from a Q/DQ ONNX", (_common, _backend)),
     "eval": (cmd_eval, "measure an engine against the FP32 model", (_common, _model, _eval_data, _backend)),
+    "sensitivity": (cmd_sensitivity, "rank the quantized layers by the output error when only one is quantized or only one is float",
+                    (_common, _model, _sensitivity_data, _fold, _bound, _calib, _keep_float)),
 }
 
 

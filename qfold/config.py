@@ -11,13 +11,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-CALIB_METHODS = ("max", "percentile", "entropy", "mse")
+CALIB_METHODS = ("max", "percentile", "entropy", "mse", "auto")
 BOUND_MODES = ("preserve", "swap", "off")
 BACKENDS = ("onnxruntime", "tensorrt")
 CPU_TARGETS = ("auto", "vnni", "portable", "arm64")  # qfold.engine.cpu.TARGET_CHOICES (docs/cpu-int8-targets.md)
 EXPORTERS = ("torchscript", "dynamo")
 #: Opsets the exporters can write (Q/DQ per-channel needs >= 13; the TorchScript exporter stops at 20).
 OPSET_RANGE = {"torchscript": (13, 20), "dynamo": (18, 23)}
+FALLBACK_MODES = ("off", "auto")
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,10 @@ class EvalSection:
     ``stage_samples`` (default: all) measures the ``folded`` and ``bounded`` stages and the
     per-layer report on the first that many evaluation samples only, for speed; the fake-quant
     and engine stages always see every sample. The report says how many each stage saw.
+
+    ``fallback = "auto"`` searches the fewest layers to keep float (FP16 on TensorRT) so the
+    engine's measured drop is within ``max_drop_pp`` (:mod:`qfold.fallback`); ``sensitivity``
+    adds the per-layer sensitivity table and plot to the report (always on with the search).
     """
 
     batch_size: int = 256
@@ -121,14 +126,18 @@ class EvalSection:
     layer_report: bool = True
     plots: bool = True
     stage_samples: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.stage_samples is not None and self.stage_samples < 1:
-            raise ValueError(f"eval.stage_samples must be >= 1 (or unset for all samples), got {self.stage_samples}")
+    fallback: str = "off"
+    sensitivity: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+        if self.stage_samples is not None and self.stage_samples < 1:
+            raise ValueError(f"eval.stage_samples must be >= 1 (or unset for all samples), got {self.stage_samples}")
+        if self.fallback not in FALLBACK_MODES:
+            raise ValueError(f"eval.fallback must be one of {FALLBACK_MODES}, got {self.fallback!r}")
+        if self.fallback == "auto" and self.max_drop_pp is None:
+            raise ValueError("eval.fallback = 'auto' needs eval.max_drop_pp (the budget the search meets; CLI --max-drop PP)")
 
 
 @dataclass(frozen=True)

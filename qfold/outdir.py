@@ -43,7 +43,8 @@ STAGE_PREFIX = ".qfold-stage-"
 ARTIFACT_PATTERNS = (
     "config.toml", "manifest.json", "reports.json", "*_report.json", "*.onnx", "*.precision.json",
     "calibration.json", "calibration.trtcache", "engine.plan", "accuracy.json", "accuracy.md",
-    "engine_accuracy.json", "engine_accuracy.md", "*.png",
+    "engine_accuracy.json", "engine_accuracy.md", "*.png", "*.onnx.json", "*.plan.json", "calibration.trtcache.json",
+    "engine_check.json", "sensitivity.json", "sensitivity.md", "fallback.json", "fallback.md", "config.fallback.toml",
 )
 
 _ACTIVE: dict[Path, Path] = {}  # staging folder -> final output folder, for runs in progress

@@ -116,6 +116,10 @@ def calibrate_stage(model: nn.Module, calib_x: torch.Tensor, config: PTQConfig) 
         quantizers[k].set_amax(a)
     for layer in quant_layers(fq).values():
         layer.refresh_weight_amax()
+    if config.calib.method == "auto":  # per tensor, the candidate with the least output-error estimate
+        from qfold.calib_auto import refine_auto
+
+        refine_auto(fq, plan, result, calib_x, config.calib.batch_size)
     return fq, plan, result
 
 
@@ -150,6 +154,7 @@ def calibration_table(fq: fx.GraphModule, result: calib.CalibResult, amax: dict[
             "samples": int(calib_x.shape[0]),
             "batches": result.num_batches,
             "versions": {"torch": torch.__version__.split("+")[0], "calib": "1"},
+            **({"auto": result.extra["auto"]} if "auto" in result.extra else {}),  # per-tensor choices of method "auto"
         },
     )
 
@@ -207,7 +212,15 @@ def _run_ptq_into(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor 
 
     folded, reports = fold_stage(model, config, calib_x[:2])
     bounded, reports["bound"] = bound_stage(folded, calib_x, config)
+    fallback = None
+    if config.eval.fallback == "auto":  # find the layers to keep float so the engine meets the budget
+        from qfold.fallback import search_fallback, with_float_layers
+
+        fallback = search_fallback(model, bounded, calib_x, eval_x, eval_y, config)
+        config = with_float_layers(config, fallback.float_layers)
     fq, plan, cres = calibrate_stage(bounded, calib_x, config)
+    if fallback is not None:
+        plan.float_layers.update({n: f"fallback search, {why}" for n, why in fallback.reasons.items()})
     amax = {k: float(q.amax) for k, q in act_quantizers(fq).items()}
     res = PTQResult(folded, bounded, fq, plan, amax, reports)
 
@@ -235,6 +248,16 @@ def _run_ptq_into(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor 
     if config.eval.plots:
         hists = _input_histograms(res, cres)
         res.artifacts.update({p.name: p for p in ev.save_plots(res.accuracy, hists, out)})
+    if fallback is not None:
+        from qfold.fallback import write_artifacts
+
+        res.reports["fallback"] = {k: v for k, v in fallback.to_dict().items() if k != "steps"}
+        res.artifacts.update({p.name: p for p in write_artifacts(fallback, config, out)})
+    elif config.eval.sensitivity:
+        from qfold.sensitivity import layer_sensitivity
+
+        sens = layer_sensitivity(fq, plan, eval_x, eval_y, reference=model, batch_size=min(config.eval.batch_size, 64))
+        res.artifacts.update({p.name: p for p in sens.save(out, plot=config.eval.plots)})
     _write_fold_reports(res, out)
     drop = res.accuracy.drop_pp("engine")
     budget = config.eval.max_drop_pp
