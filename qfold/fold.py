@@ -9,7 +9,15 @@ one into an adjacent layer when the result is exactly the same function:
   group by group), Linear (2-D input, or a 3-D input through ``transpose(1, 2)`` /
   ``permute(0, 2, 1)``), when the layer's output feeds nothing but the BN;
 * before a layer (``layer(bn(x))``): Conv1d/2d/3d without padding, and Linear, when the BN's
-  output feeds nothing but that layer.
+  output feeds nothing but that layer;
+* after ``Linear(x).flatten(0, -2)`` (LeViT's ``LinearNorm``) and after a channel
+  ``torch.cat`` of convs (each conv absorbs its slice: MixNet's mixed-kernel conv).
+
+Reads of a tensor's metadata (``.shape``, ``.ndim``, ``.size()``, ``.dtype``, ``.device``,
+``reshape_as``) are not consumers. A BatchNorm + activation module (timm's ``BatchNormAct2d`` /
+``FrozenBatchNormAct2d``) keeps its activation: it becomes a
+:class:`~qfold.fold_sites.FoldedNormAct` of its children. A model fx cannot trace is captured with
+``torch.export`` when ``example_inputs`` are given (the report's ``capture`` / ``valid_for``).
 
 Everything else is left in place and the :class:`~qfold.fold_report.FoldReport` says why. The
 arithmetic is :mod:`qfold.fold_math` (float64, cast back to the layer's dtype). A model fx cannot
