@@ -294,7 +294,7 @@ def build_engine_stage(onnx_path: Path, out: Path, config: PTQConfig, calib_x: t
         data = (b.numpy() for b in batches(calib_x, config.calib.batch_size))
         extra = ort_calibrate(qdq, tensors_needing_amax_for_ort(qdq), data, "max", num_bins=config.calib.num_bins)
         check = [b.numpy() for b in batches(calib_x[:SELF_CHECK_SAMPLES], config.calib.batch_size)]
-        backend.build(onnx_path, engine_path, ecfg, extra_amax=extra, check_data=check)  # self-check vs fake-quant
+        backend.build(onnx_path, engine_path, ecfg, extra_amax=extra, check_data=check)  # self-check (qfold.engine.ort_check)
     else:
         backend.build(onnx_path, engine_path, ecfg)
     return backend.load(engine_path, dataclasses.replace(ecfg, cpu_target="auto"))  # evaluate what this CPU computes

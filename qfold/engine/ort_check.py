@@ -26,6 +26,11 @@ from qfold.metrics import sqnr_db_from_energy
 #: steps. Saturating kernels measured tens to hundreds of steps on the example ResNet (13.6 dB); a
 #: correct engine stays within ~1-2 (BENCHMARKS.md, "CPU targets").
 TOLERANCE_STEPS = 4.0
+#: ...unless the engine's SQNR against the reference is at least this: in deep or gated networks a
+#: few outputs land a handful of steps off through rounding-order differences of the fused kernels
+#: (seen: 5.5 steps at 48 dB, 100 % argmax agreement, on an SE/hard-swish net), while saturation moves
+#: every output (13.6 dB on the example ResNet).
+MIN_SQNR_DB = 30.0
 
 
 class EngineCheckError(RuntimeError):
@@ -58,21 +63,24 @@ class CheckResult:
 
     @property
     def passed(self) -> bool:
-        return bool(self.max_err_steps <= self.tolerance_steps)
+        return bool(self.max_err_steps <= self.tolerance_steps or self.sqnr_db >= MIN_SQNR_DB)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
 
     def summary(self) -> str:
         return (f"engine vs {self.reference} on {self.samples} calibration inputs: max error {self.max_err_steps:.2f} "
-                f"output steps (limit {self.tolerance_steps:g}), SQNR {self.sqnr_db:.2f} dB, "
+                f"output steps (limit {self.tolerance_steps:g}, or SQNR >= {MIN_SQNR_DB:g} dB), SQNR {self.sqnr_db:.2f} dB, "
                 f"argmax agreement {self.agreement:.2%}")
 
 
 def compare(engine: Callable[[np.ndarray], np.ndarray], reference: Callable[[np.ndarray], np.ndarray],
             batches: Iterable[np.ndarray], *, reference_name: str = "qdq-onnx",
-            tolerance_steps: float = TOLERANCE_STEPS) -> CheckResult | None:
-    """Run both on every batch and measure the deviation; None when ``batches`` is empty."""
+            tolerance_steps: float | None = None) -> CheckResult | None:
+    """Run both on every batch and measure the deviation; None when ``batches`` is empty.
+
+    ``tolerance_steps`` defaults to :data:`TOLERANCE_STEPS` (read at call time)."""
+    tolerance_steps = TOLERANCE_STEPS if tolerance_steps is None else tolerance_steps
     got, want = [], []
     for x in batches:
         x = np.ascontiguousarray(x, dtype=np.float32)
