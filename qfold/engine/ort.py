@@ -181,13 +181,27 @@ class OrtEngine:
         return np.asarray(self.session.run(None, {self._input: np.ascontiguousarray(x)})[0], dtype=np.float32)
 
     def check(self, batches: Iterable[np.ndarray], reference: onnx.ModelProto | None = None) -> CheckResult | None:
-        """This engine on this CPU vs ``reference`` (default: its own graph) with optimizations off,
-        i.e. vs the fake-quant semantics of the graph (:mod:`qfold.engine.ort_check`)."""
-        ref = _ort().InferenceSession((reference or self._graph).SerializeToString(),
-                                      _session_options(self._config, optimize=False), providers=["CPUExecutionProvider"])
+        """This engine on this CPU against a reference (:mod:`qfold.engine.ort_check`).
+
+        Default reference: the *portable twin*, the same graph with its int8 weights stored as
+        uint8 ``w + 128`` (bit-identical numbers), run with the same optimizations. The two fuse into
+        the same kernels and differ only in the u8 x s8 vs u8 x u8 multiply, which is exact
+        everywhere in u8 x u8: so this isolates the one thing a CPU can break (int16 pair-sum
+        saturation). With ``reference`` (the TensorRT-profile Q/DQ ONNX): that graph run as float
+        ops, i.e. the fake-quant model, which the ORT rendering approximates (extra Q/DQ, and Q/DQ
+        pairs ONNX Runtime's optimizer merges or drops).
+        """
+        ort = _ort()
+        if reference is None:
+            twin = weights_to_uint8(self._graph)
+            ref = ort.InferenceSession(twin.SerializeToString(), _session_options(self._config),
+                                       providers=["CPUExecutionProvider"])
+        else:
+            ref = ort.InferenceSession(reference.SerializeToString(), _session_options(self._config, optimize=False),
+                                       providers=["CPUExecutionProvider"])
         name = ref.get_inputs()[0].name
         return compare(self.run, lambda x: ref.run(None, {name: x})[0], batches,
-                       reference_name="engine-graph" if reference is None else "qdq-onnx")
+                       reference_name="portable-twin" if reference is None else "qdq-onnx")
 
 
 class OrtBackend:

@@ -1,15 +1,14 @@
 """The engine self-check: does the ONNX Runtime engine, on this CPU, compute what was calibrated?
 
-The reference is a Q/DQ graph run with ONNX Runtime's graph optimizations **off**: every
-Quantize/DequantizeLinear then runs as float arithmetic, so the result is the fake-quant model's
-whatever the CPU (the integer kernels only appear when the optimizer fuses Q/DQ groups). The engine
-runs exactly as :meth:`qfold.engine.ort.OrtBackend.load` opens it (optimizations on). A CPU whose
-int8 kernels saturate (docs/cpu-int8-targets.md) shows up here as an error of many output steps.
+Two references (:meth:`qfold.engine.ort.OrtEngine.check`):
 
-* after a build the reference is the TensorRT-profile Q/DQ ONNX (the fake-quant model as exported);
-  the ORT rendering's extra Q/DQ on residual conv outputs and int32 biases cost about one step;
-* ``qfold eval`` has only the engine, so its reference is the engine's own graph unoptimized: that
-  isolates the integer kernels.
+* the engine's *portable twin* (the same graph with its int8 weights stored as uint8 ``w + 128``,
+  the same numbers, run with the same optimizations): the two fuse into the same kernels and differ
+  only in the u8 x s8 multiply, which a CPU without VNNI computes with saturating int16 pair sums.
+  This check fails a build, and ``qfold eval`` runs it on the CPU at hand;
+* the TensorRT-profile Q/DQ ONNX run with graph optimizations off, i.e. the fake-quant model. The
+  ORT rendering approximates it (extra Q/DQ on tensors TensorRT keeps float; Q/DQ pairs ONNX
+  Runtime's optimizer merges or drops), so this one is recorded and warned about, not fatal.
 
 One output step is ``max|reference| / 127`` over the checked batches (an int8 step of the output).
 """
@@ -26,10 +25,9 @@ from qfold.metrics import sqnr_db_from_energy
 #: steps. Saturating kernels measured tens to hundreds of steps on the example ResNet (13.6 dB); a
 #: correct engine stays within ~1-2 (BENCHMARKS.md, "CPU targets").
 TOLERANCE_STEPS = 4.0
-#: ...unless the engine's SQNR against the reference is at least this: in deep or gated networks a
-#: few outputs land a handful of steps off through rounding-order differences of the fused kernels
-#: (seen: 5.5 steps at 48 dB, 100 % argmax agreement, on an SE/hard-swish net), while saturation moves
-#: every output (13.6 dB on the example ResNet).
+#: ...unless the engine's SQNR against the reference is at least this: a deviation of a few outputs
+#: by a handful of steps with the rest exact is not saturation, which moves every output (13.6 dB on
+#: the example ResNet).
 MIN_SQNR_DB = 30.0
 
 
@@ -49,7 +47,7 @@ class CheckResult:
         sqnr_db: SQNR of the engine against the reference.
         agreement: fraction of rows whose argmax (last axis) agrees.
         tolerance_steps: the limit ``max_err_steps`` is held to.
-        reference: what the reference was (``"qdq-onnx"`` or ``"engine-graph"``).
+        reference: what the reference was (``"qdq-onnx"`` or ``"portable-twin"``).
     """
 
     samples: int
@@ -63,14 +61,14 @@ class CheckResult:
 
     @property
     def passed(self) -> bool:
-        return bool(self.max_err_steps <= self.tolerance_steps or self.sqnr_db >= MIN_SQNR_DB)
+        return bool(self.max_err_steps <= self.tolerance_steps or self.sqnr_db > MIN_SQNR_DB)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
 
     def summary(self) -> str:
         return (f"engine vs {self.reference} on {self.samples} calibration inputs: max error {self.max_err_steps:.2f} "
-                f"output steps (limit {self.tolerance_steps:g}, or SQNR >= {MIN_SQNR_DB:g} dB), SQNR {self.sqnr_db:.2f} dB, "
+                f"output steps (limit {self.tolerance_steps:g}, or SQNR above {MIN_SQNR_DB:g} dB), SQNR {self.sqnr_db:.2f} dB, "
                 f"argmax agreement {self.agreement:.2%}")
 
 
