@@ -38,7 +38,7 @@ ONNX Runtime's CPU provider runs float16 kernels it lacks in float32 behind Cast
 storage precision, not float16 accumulation (TensorRT accumulates convolutions in float32 too).
 
 Reference: ONNX operator spec, QuantizeLinear-19 / DequantizeLinear-19 (types T1/T2);
-TensorRT "Explicit Quantization" and strong-typing docs (../shared/research section 1.7).
+TensorRT "Explicit Quantization" and strong-typing docs (summarised in docs/tensorrt-qdq-rules.md).
 """
 from __future__ import annotations
 

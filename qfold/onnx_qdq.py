@@ -2,7 +2,7 @@
 
 No file I/O and no inference; every function returns a new model and leaves its argument alone.
 
-TensorRT profile (explicit quantization, see ``shared/research/tensorrt-and-calibration.md`` §1):
+TensorRT profile (explicit quantization, see docs/tensorrt-qdq-rules.md):
 weights are int8 initializers read by a per-channel ``DequantizeLinear`` (``axis`` written out),
 activations go through a per-tensor ``QuantizeLinear -> DequantizeLinear`` pair, every scale is a
 strictly positive float32 initializer and every zero point an int8 zero. Weight codes are computed

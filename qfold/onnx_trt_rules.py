@@ -1,6 +1,6 @@
 """TensorRT explicit-quantization rules, checked on a Q/DQ ``onnx.ModelProto`` (pure, no I/O).
 
-Rules (``shared/research/tensorrt-and-calibration.md`` §1.2-1.6; TensorRT developer guide "Explicit
+Rules (docs/tensorrt-qdq-rules.md; TensorRT developer guide "Explicit
 Quantization"; ModelOpt ``modelopt/onnx/quantization``):
 
 ============================  ==========================================================================
