@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -215,13 +216,23 @@ def paired_logits(
     return np.concatenate(outs[0]), np.concatenate(outs[1]), {n: acc.sqnr(n) for n in names}
 
 
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write a matplotlib figure as a byte-reproducible PNG (no software/date metadata), atomically, and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def save_plots(report: AccuracyReport, histograms: dict[str, tuple[np.ndarray, np.ndarray, float]], out_dir: str | Path, worst: int = 4) -> list[Path]:
     """PNG plots: per-layer SQNR, and activation histograms with the chosen amax for the worst layers.
 
     ``histograms`` maps a layer name to ``(counts, bin_edges, amax)`` of its input activation.
     """
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,10 +241,7 @@ def save_plots(report: AccuracyReport, histograms: dict[str, tuple[np.ndarray, n
     out, paths = Path(out_dir), []
 
     def _save(fig, name: str) -> None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-        plt.close(fig)
-        paths.append(atomic_write_bytes(out / name, buf.getvalue()))
+        paths.append(save_figure(fig, out / name))
 
     if report.layers:
         layers = sorted(report.layers, key=lambda layer: layer.name)

@@ -276,7 +276,7 @@ def build_engine_stage(onnx_path: Path, out: Path, config: PTQConfig, calib_x: t
     outputs on residual branches) are calibrated on ``calib_x`` with ``max``: TensorRT keeps them
     in float, so the rendering should clip nothing there. Without calibration data those layers
     stay in float. The first ``SELF_CHECK_SAMPLES`` calibration inputs are the build's self-check
-    (:mod:`qfold.engine.ort_check`): the engine must compute the fake-quant model on this CPU.
+    (:mod:`qfold.engine.ort_check`): the engine's integer kernels must compute exactly on this CPU.
     """
     from qfold.engine import get_backend
     from qfold.engine.base import EngineConfig

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from calib.atomic import atomic_write_bytes, atomic_write_text
+from calib.atomic import atomic_write_text
 from qfold import metrics
 from qfold.quant.modules import ActQuant, QuantLayer
 from qfold.quant.plan import QuantPlan
@@ -145,9 +145,9 @@ def _finite(v: Any) -> Any:
 
 
 def _plot(report: SensitivityReport, path: Path) -> Path:
-    import io
-
     import matplotlib
+
+    from qfold.evaluate import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -164,10 +164,7 @@ def _plot(report: SensitivityReport, path: Path) -> Path:
     ax.set_title("Per-layer sensitivity (most sensitive first)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path)
 
 
 class _Graph:

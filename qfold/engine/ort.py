@@ -8,8 +8,9 @@ order) when this onnxruntime has them, and errors clearly when it has neither.
 
 CPU targets (docs/cpu-int8-targets.md): the rendering is made for a CPU class (``vnni``,
 ``portable``, ``arm64``; ``auto`` = the building CPU) and the class is recorded in the metadata.
-Given calibration batches, ``build`` runs the engine against the Q/DQ ONNX's float semantics (the
-fake-quant model) on this CPU and writes nothing when it deviates (:mod:`qfold.engine.ort_check`).
+Given calibration batches, ``build`` runs the engine on this CPU against its exact portable twin
+and writes nothing when the integer kernels deviate; its deviation from the Q/DQ ONNX's float
+semantics (the fake-quant model) is recorded and warned (:mod:`qfold.engine.ort_check`).
 ``load`` never runs int8 weights on a CPU whose kernels would saturate: with ``cpu_target="auto"``
 it re-renders the engine in memory for ``portable`` (an exact pass) and warns; with an explicit
 ``vnni``/``arm64`` it refuses.
@@ -219,8 +220,8 @@ class OrtBackend:
         without one stay float and are listed in the metadata under ``extra.float_for_lack_of_amax``.
         ``config.cpu_target`` picks the CPU rendering (``auto``: this CPU's class).
         ``check_data``: a few calibration batches; the engine, run on this CPU as ``load`` runs it,
-        must stay within :data:`qfold.engine.ort_check.TOLERANCE_STEPS` output steps of the Q/DQ
-        ONNX's fake-quant semantics, else :class:`EngineCheckError` and nothing is written.
+        must match its portable twin (:meth:`OrtEngine.check`), else :class:`EngineCheckError` and
+        nothing is written; its deviation from the Q/DQ ONNX (fake-quant) is recorded and warned.
         """
         ort = _ort()
         config, rendering = config or EngineConfig(), rendering or OrtRendering()

@@ -20,7 +20,6 @@ _K = 64  # reduction length: 32 pairs, large enough for the packed kernels
 
 
 def _probe_model():
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     exact = 255 * 127 * _K

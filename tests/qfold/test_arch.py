@@ -13,7 +13,6 @@ import torch.nn as nn
 from arch_models import (
     ARCH_BN_TYPES,
     BatchNormAct2d,
-    Conv2dSame,
     EffNetLike,
     FrozenBatchNormAct2d,
     LeViTLike,

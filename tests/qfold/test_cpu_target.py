@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 from qfold.config import PTQConfig
 from qfold.engine.base import EngineConfig
-from qfold.engine.cpu import CpuInfo, detect, exact_on, parse_cpuinfo, resolve_target
+from qfold.engine.cpu import detect, exact_on, parse_cpuinfo, resolve_target
 from qfold.engine.ort import OrtBackend, engine_target, for_this_cpu, metadata_path, ort_max_amax
 from qfold.engine.ort_check import TOLERANCE_STEPS, EngineCheckError, compare
 from qfold.engine.ort_cpu import detect_cpu, u8s8_saturates

@@ -9,7 +9,7 @@ import torch.nn as nn
 from calib.spec import QuantSpec, fake_quant_ref
 from qfold.graph import trace
 from qfold.quant import ActQuant, QuantLayer, plan_quantization, prepare_fake_quant
-from qfold.quant.prepare import act_quantizers, quant_layers, quantization_disabled
+from qfold.quant.prepare import quant_layers, quantization_disabled
 
 
 class Block(nn.Module):

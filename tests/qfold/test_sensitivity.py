@@ -11,7 +11,6 @@ import torch.nn as nn
 
 import calib
 from calib.auto import auto_amax, error_moments
-from calib.histogram import Histogram
 from qfold import pipeline as pl
 from qfold.config import PTQConfig
 from qfold.fallback import search_fallback
