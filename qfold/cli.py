@@ -318,7 +318,7 @@ def cmd_eval(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -
         from qfold.sources import batches
 
         check = engine.check(b.numpy() for b in batches(calib_x[:SELF_CHECK_SAMPLES], cfg.calib.batch_size))
-        atomic_write_text(run.path / "engine_check.json", json.dumps(check.to_dict(), indent=2, sort_keys=True) + "\n")
+        _write_json(run.path / "engine_check.json", check.to_dict())
         print(f"engine self-check on this CPU ({engine.cpu.describe()}, runs as '{engine.running_as}'): "
               f"{'passed' if check.passed else 'FAILED'}; {check.summary()}", file=sys.stdout if check.passed else sys.stderr)
     drop = report.drop_pp("engine")
