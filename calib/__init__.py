@@ -14,9 +14,20 @@ from calib.histogram import Histogram
 from calib.method import CalibMethod
 from calib.observe import CalibResult, ObservePoint, calibrate, observe
 from calib.observer import HistogramObserver, weight_amax
-from calib.spec import INT8_PER_TENSOR, QuantSpec, fake_quant_ref, quantize_ref, scale_from_amax
+from calib.spec import (
+    INT8_PER_TENSOR,
+    QuantSpec,
+    fake_quant_ref,
+    quantize_ref,
+    scale_from_amax,
+)
 from calib.table import CalibTable, hash_batches, hash_model, versions
-from calib.trtcache import TrtCacheHeader, read_trt_cache, write_trt_cache, write_trt_cache_note
+from calib.trtcache import (
+    TrtCacheHeader,
+    read_trt_cache,
+    write_trt_cache,
+    write_trt_cache_note,
+)
 
 
 def compute_amax(source: "HistogramObserver | Histogram", method: "CalibMethod | str" = "entropy") -> float:

@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "fold_batchnorm": "qfold.fold",
-    "FoldReport": "qfold.fold_report",
+    "FoldReport": "qfold.fold.report",
     "reparameterize": "qfold.reparam",
     "ReparamReport": "qfold.reparam",
     "bound_relu": "qfold.bound",
@@ -30,8 +30,8 @@ _EXPORTS = {
     "PTQResult": "qfold.pipeline",
     "PTQConfig": "qfold.config",
     "load_config": "qfold.config",
-    "export_onnx": "qfold.export",
-    "ExportConfig": "qfold.export",
+    "export_onnx": "qfold.onnx.export",
+    "ExportConfig": "qfold.onnx.export",
     "get_backend": "qfold.engine",
     "EngineConfig": "qfold.engine.base",
     "plan_quantization": "qfold.quant",

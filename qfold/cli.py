@@ -22,7 +22,8 @@ import torch
 from calib.atomic import atomic_write_text
 from qfold import config as cfgmod
 from qfold import outdir
-from qfold.engine import BackendUnavailableError, require_backend
+from qfold.engine import require_backend
+from qfold.errors import BackendUnavailableError
 
 EXIT_BUDGET = 3
 _CPU_TARGET_HELP = ("ONNX Runtime CPU rendering: auto (this CPU, default), vnni (fast, exact with VNNI/AMX), "
@@ -135,8 +136,8 @@ def _config(args: argparse.Namespace) -> cfgmod.PTQConfig:
 
 def _load(args: argparse.Namespace, cfg: cfgmod.PTQConfig) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Model and data as the flags say, checked against each other before any work (warnings printed)."""
-    from qfold import sources
-    from qfold.validate import check_model_and_data
+    from qfold.inputs import sources as sources
+    from qfold.inputs.validate import check_model_and_data
 
     eval_data = getattr(args, "eval_data", None)
     if args.example is not None:
@@ -173,8 +174,8 @@ def _write_json(path: Path, data: object) -> Path:
 
 
 def cmd_ptq(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -> int:
-    from qfold.pipeline import QualityGateError, run_ptq
-    from qfold.validate import InputWarning
+    from qfold.errors import InputWarning, QualityGateError
+    from qfold.pipeline import run_ptq
 
     model, calib_x, eval_x, eval_y = _load(args, cfg)
     atomic_write_text(run.path / "config.toml", cfgmod.to_toml(cfg))
@@ -217,7 +218,7 @@ def cmd_bound(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) 
 
 
 def _export_float(model: torch.nn.Module, example: torch.Tensor, run: outdir.Run, name: str, cfg: cfgmod.PTQConfig) -> None:
-    from qfold.export import ExportConfig, export_onnx
+    from qfold.onnx.export import ExportConfig, export_onnx
 
     export_onnx(model, example, run.path / name, ExportConfig(opset=cfg.export.opset, exporter=cfg.export.exporter))
     print(f"wrote {run.out / name}")
@@ -258,14 +259,14 @@ def cmd_export(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run)
 
 
 def cmd_build(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -> int:
+    from qfold.inputs.validate import check_onnx_file
     from qfold.pipeline import build_engine_stage
-    from qfold.validate import check_onnx_file
 
     onnx_path = Path(args.onnx)
     check_onnx_file(onnx_path)
     calib_x = None
     if args.calib_data:
-        from qfold import sources
+        from qfold.inputs import sources as sources
 
         calib_x, _ = sources.load_data(args.calib_data)
         if cfg.calib.max_samples is not None:
@@ -294,9 +295,9 @@ def _print_self_check(extra: dict) -> None:
 def cmd_eval(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -> int:
     import numpy as np
 
-    from qfold import evaluate as ev
     from qfold.engine import get_backend
     from qfold.engine.base import EngineConfig
+    from qfold.report import stages as ev
 
     engine_path = Path(args.engine)
     if not engine_path.is_file():
@@ -314,8 +315,8 @@ def cmd_eval(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -
     report.save(run.path, stem="engine_accuracy")
     print(report.to_markdown())
     if hasattr(engine, "check"):  # ONNX Runtime: the build's self-check, on this CPU
+        from qfold.inputs.sources import batches
         from qfold.pipeline import SELF_CHECK_SAMPLES
-        from qfold.sources import batches
 
         check = engine.check(b.numpy() for b in batches(calib_x[:SELF_CHECK_SAMPLES], cfg.calib.batch_size))
         _write_json(run.path / "engine_check.json", check.to_dict())
@@ -330,7 +331,7 @@ def cmd_eval(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -
 
 
 def cmd_sensitivity(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -> int:
-    from qfold.sensitivity import analyze
+    from qfold.budget.sensitivity import analyze
 
     model, calib_x, eval_x, eval_y = _load(args, cfg)
     report = analyze(model, calib_x, eval_x, eval_y, cfg)

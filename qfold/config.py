@@ -6,10 +6,11 @@ Every field has a default, so ``PTQConfig()`` is a complete, sensible configurat
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 CALIB_METHODS = ("max", "percentile", "entropy", "mse", "auto")
 BOUND_MODES = ("preserve", "swap", "off")
@@ -117,7 +118,7 @@ class EvalSection:
     and engine stages always see every sample. The report says how many each stage saw.
 
     ``fallback = "auto"`` searches the fewest layers to keep float (FP16 on TensorRT) so the
-    engine's measured drop is within ``max_drop_pp`` (:mod:`qfold.fallback`); ``sensitivity``
+    engine's measured drop is within ``max_drop_pp`` (:mod:`qfold.budget.fallback`); ``sensitivity``
     adds the per-layer sensitivity table and plot to the report (always on with the search).
     """
 
@@ -172,10 +173,10 @@ class PTQConfig:
 def from_dict(data: dict[str, Any]) -> PTQConfig:
     """Build a PTQConfig from nested dicts; unknown sections or keys raise ValueError naming them.
 
-    Values are checked against the field types (:func:`qfold.validate.check_types`): a wrong type
+    Values are checked against the field types (:func:`qfold.inputs.validate.check_types`): a wrong type
     raises ValueError naming the key, the expected type and the value.
     """
-    from qfold.validate import check_types
+    from qfold.inputs.validate import check_types
 
     kwargs: dict[str, Any] = {}
     sections = {f.name: f for f in fields(PTQConfig)}

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calib.atomic import atomic_write_text
+from qfold.errors import OutputDirError
 
 RECORD = ".qfold-run.json"
 STAGE_PREFIX = ".qfold-stage-"
@@ -48,10 +49,6 @@ ARTIFACT_PATTERNS = (
 )
 
 _ACTIVE: dict[Path, Path] = {}  # staging folder -> final output folder, for runs in progress
-
-
-class OutputDirError(ValueError):
-    """The output folder cannot be used: the message names the cause and the fix."""
 
 
 def _recorded(out: Path) -> set[str]:

@@ -20,29 +20,24 @@ import torch.nn as nn
 
 import calib
 from calib.atomic import atomic_write_text
-from qfold import evaluate as ev
+from qfold.capture import trace
 from qfold.config import PTQConfig
-from qfold.graph import is_eval, trace
+from qfold.errors import InputWarning, QualityGateError
+from qfold.fx import is_eval
+from qfold.inputs.sources import batches
+from qfold.inputs.validate import check_model_and_data
 from qfold.outdir import final_path, owned
 from qfold.quant import QuantPlan, plan_quantization, prepare_fake_quant
-from qfold.quant.prepare import act_quantizers, quant_layers, quantization_disabled, quantizer_name
-from qfold.sources import batches
-from qfold.validate import InputWarning, check_model_and_data
-
+from qfold.quant.prepare import (
+    act_quantizers,
+    quant_layers,
+    quantization_disabled,
+    quantizer_name,
+)
+from qfold.report import stages as ev
 
 #: calibration inputs the engine self-check runs after an ONNX Runtime build.
 SELF_CHECK_SAMPLES = 256
-
-
-class QualityGateError(RuntimeError):
-    """The engine's accuracy drop exceeds the configured budget (``eval.max_drop_pp``).
-
-    ``report`` is the full accuracy report; every artifact was written before this was raised.
-    """
-
-    def __init__(self, message: str, report: ev.AccuracyReport | None = None) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass
@@ -73,8 +68,8 @@ def fold_stage(model: nn.Module, config: PTQConfig, example: torch.Tensor | None
     ``example`` (a small input batch) lets the fold measure tensor ranks, so a ``Linear ->
     BatchNorm1d`` on a 3-D input is checked rather than assumed 2-D.
     """
-    from qfold.fold import fold_batchnorm
-    from qfold.reparam import reparameterize
+    from qfold.fold.passes import fold_batchnorm
+    from qfold.reparam.passes import reparameterize
 
     reports: dict[str, Any] = {}
     if config.fold.reparameterize:
@@ -87,7 +82,7 @@ def bound_stage(folded: nn.Module, calib_x: torch.Tensor, config: PTQConfig) -> 
     """ReLU -> ReLU6 in the configured mode (or nothing with mode "off")."""
     if config.bound.mode == "off":
         return folded, None
-    from qfold.bound import bound_relu
+    from qfold.bound.passes import bound_relu
 
     data = list(batches(calib_x, config.calib.batch_size))
     return bound_relu(folded, data, mode=config.bound.mode, quantile=config.bound.quantile)
@@ -117,7 +112,7 @@ def calibrate_stage(model: nn.Module, calib_x: torch.Tensor, config: PTQConfig) 
     for layer in quant_layers(fq).values():
         layer.refresh_weight_amax()
     if config.calib.method == "auto":  # per tensor, the candidate with the least output-error estimate
-        from qfold.calib_auto import refine_auto
+        from qfold.quant.auto import refine_auto
 
         refine_auto(fq, plan, result, calib_x, config.calib.batch_size)
     return fq, plan, result
@@ -161,8 +156,8 @@ def calibration_table(fq: fx.GraphModule, result: calib.CalibResult, amax: dict[
 
 def export_stage(fq: fx.GraphModule, example: torch.Tensor, out_dir: Path, config: PTQConfig) -> tuple[Path, list]:
     """Export the fake-quant model to a TensorRT-profile Q/DQ ONNX; returns its path and rule violations."""
-    from qfold.export import ExportConfig, export_onnx
-    from qfold.onnx_qdq import check_trt_rules
+    from qfold.onnx.export import ExportConfig, export_onnx
+    from qfold.onnx.qdq import check_trt_rules
 
     path = export_onnx(fq, example, out_dir / "model_qdq.onnx", ExportConfig(opset=config.export.opset, exporter=config.export.exporter))
     return path, check_trt_rules(onnx.load(str(path)))
@@ -214,7 +209,7 @@ def _run_ptq_into(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor 
     bounded, reports["bound"] = bound_stage(folded, calib_x, config)
     fallback = None
     if config.eval.fallback == "auto":  # find the layers to keep float so the engine meets the budget
-        from qfold.fallback import search_fallback, with_float_layers
+        from qfold.budget.fallback import search_fallback, with_float_layers
 
         fallback = search_fallback(model, bounded, calib_x, eval_x, eval_y, config)
         config = with_float_layers(config, fallback.float_layers)
@@ -229,8 +224,8 @@ def _run_ptq_into(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor 
     onnx_path, violations = export_stage(fq, calib_x[:1], out, config)
     res.artifacts["onnx"] = onnx_path
     res.reports["trt_rule_violations"] = [str(v) for v in violations]
-    from qfold.export import precision_map_path
-    from qfold.onnx_qdq import activation_scales, precision_map
+    from qfold.onnx.export import precision_map_path
+    from qfold.onnx.qdq import activation_scales, precision_map
 
     qdq_model = onnx.load(str(onnx_path))
     algo = {"entropy": "EntropyCalibration2"}.get(config.calib.method, "MinMaxCalibration")
@@ -249,12 +244,12 @@ def _run_ptq_into(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor 
         hists = _input_histograms(res, cres)
         res.artifacts.update({p.name: p for p in ev.save_plots(res.accuracy, hists, out)})
     if fallback is not None:
-        from qfold.fallback import write_artifacts
+        from qfold.budget.fallback import write_artifacts
 
         res.reports["fallback"] = {k: v for k, v in fallback.to_dict().items() if k != "steps"}
         res.artifacts.update({p.name: p for p in write_artifacts(fallback, config, out)})
     elif config.eval.sensitivity:
-        from qfold.sensitivity import layer_sensitivity
+        from qfold.budget.sensitivity import layer_sensitivity
 
         sens = layer_sensitivity(fq, plan, eval_x, eval_y, reference=model, batch_size=min(config.eval.batch_size, 64))
         res.artifacts.update({p.name: p for p in sens.save(out, plot=config.eval.plots)})
@@ -288,7 +283,7 @@ def build_engine_stage(onnx_path: Path, out: Path, config: PTQConfig, calib_x: t
     engine_path = out / f"engine{suffix}"
     if ecfg.backend == "onnxruntime" and calib_x is not None:
         from qfold.engine.ort import ort_calibrate
-        from qfold.onnx_qdq import tensors_needing_amax_for_ort
+        from qfold.onnx.qdq import tensors_needing_amax_for_ort
 
         qdq = onnx.load(str(onnx_path))
         data = (b.numpy() for b in batches(calib_x, config.calib.batch_size))

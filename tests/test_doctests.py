@@ -6,8 +6,8 @@ import importlib
 
 import pytest
 
-MODULES = ["calib.spec", "calib.trtcache", "qfold.engine.trt_install", "qfold.fold_math", "qfold.metrics", "qfold.bound_math",
-           "qfold.fp16", "qfold.engine", "qfold.examples", "qfold.outdir"]
+MODULES = ["calib.spec", "calib.trtcache", "qfold.engine.trt_install", "qfold.fold.formulas", "qfold.report.metrics", "qfold.bound.formulas",
+           "qfold.onnx.fp16", "qfold.engine", "qfold.examples", "qfold.outdir"]
 
 
 @pytest.mark.parametrize("name", MODULES)

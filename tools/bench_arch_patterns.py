@@ -182,7 +182,13 @@ def qfold_sqnr(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, ref: n
 
 def ort_sqnr(model: nn.Module, calib: torch.Tensor, test: torch.Tensor, ref: np.ndarray, work: Path) -> float:
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32, pre, out = work / "fp32.onnx", work / "pre.onnx", work / "ort.onnx"

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calib.atomic import atomic_write_text
-from qfold import metrics
-from qfold.bound import bound_relu
+from qfold.bound.passes import bound_relu
+from qfold.report import metrics as metrics
 
 COMMAND = "python tools/bench_bound.py --out tools/results/bound.md"
 

@@ -113,7 +113,11 @@ def worker(method: str, workdir: Path, n: int, batch: int, threads: int) -> dict
     batches = [data[i : i + batch] for i in range(0, n, batch)]
     if method.startswith("ort-"):
         import onnxruntime as ort
-        from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
+        from onnxruntime.quantization.calibrate import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            create_calibrator,
+        )
 
         class Reader(CalibrationDataReader):
             def __init__(self) -> None:

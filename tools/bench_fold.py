@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calib.atomic import atomic_write_text
-from qfold.fold import fold_batchnorm
+from qfold.fold.passes import fold_batchnorm
 
 
 class Bottleneck(nn.Module):

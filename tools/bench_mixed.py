@@ -21,13 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qfold import metrics  # noqa: E402
 from qfold import pipeline as pl  # noqa: E402
-from qfold.calib_auto import _apply, refine_auto  # noqa: E402
+from qfold.budget.sensitivity import layer_sensitivity  # noqa: E402
 from qfold.config import PTQConfig  # noqa: E402
 from qfold.examples import MODELS, load_data, load_model  # noqa: E402
+from qfold.quant.auto import _apply, refine_auto  # noqa: E402
 from qfold.quant.prepare import quantizer_name  # noqa: E402
-from qfold.sensitivity import layer_sensitivity  # noqa: E402
+from qfold.report import metrics as metrics  # noqa: E402
 
 CFG = PTQConfig(progress=False).replace(eval={"plots": False, "layer_report": False})
 
@@ -96,7 +96,7 @@ def bench_calib() -> str:
 
 
 def bench_fallback(budgets: list[float], method: str, bound: str, models: list[str]) -> str:
-    from qfold.fallback import search_fallback
+    from qfold.budget.fallback import search_fallback
 
     tx, ty = load_data("test")
     rows = [f"calib.method = {method}, bound.mode = {bound}", "",

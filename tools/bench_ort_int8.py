@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT / "tests" / "qfold"))
 from fq_models import Mixed, ResNetish, calibrate
 
 from qfold.engine.ort import ort_max_amax
-from qfold.export import export_onnx
-from qfold.onnx_qdq import OrtRendering, render_for_ort, tensors_needing_amax_for_ort
+from qfold.onnx.export import export_onnx
+from qfold.onnx.qdq import OrtRendering, render_for_ort, tensors_needing_amax_for_ort
 
 INT8_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "QLinearAdd", "QLinearConcat",
                 "QLinearGlobalAveragePool", "QLinearAveragePool", "ConvInteger", "MatMulInteger")
@@ -74,7 +74,7 @@ def dequantized(model: onnx.ModelProto) -> onnx.ModelProto:
             n.input[k] = rename.get(i, i)
     del g.node[:]
     g.node.extend(keep)
-    from qfold._onnx_graph import remove_dead
+    from qfold.onnx.graph import remove_dead
 
     remove_dead(m)
     return m

@@ -56,7 +56,6 @@ def _peak_mib() -> float:
 def prepare(workdir: Path, model: str, n_max: int, n_eval: int) -> None:
     """Model state and images on disk, shared by every worker of this model."""
     import torch
-
     from ptq_speed_models import build, images
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +69,6 @@ def prepare(workdir: Path, model: str, n_max: int, n_eval: int) -> None:
 
 def _load(workdir: Path, model: str, n: int, n_eval: int):
     import torch
-
     from ptq_speed_models import ARCHS
 
     m = ARCHS[model]()
@@ -117,7 +115,13 @@ def worker(tool: str, model: str, n: int, n_eval: int, workdir: Path) -> dict:
         res.update(report_s=time.perf_counter() - t1, peak_rss_mib=_peak_mib(), engine_sqnr_db=acc.stages["engine"].sqnr_db)
     elif tool.startswith("ort-"):
         import onnxruntime as ort
-        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         class Reader(CalibrationDataReader):

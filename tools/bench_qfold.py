@@ -22,7 +22,7 @@ import torch
 
 from qfold.config import PTQConfig
 from qfold.examples import load_data, load_model
-from qfold.export import ExportConfig, export_onnx
+from qfold.onnx.export import ExportConfig, export_onnx
 from qfold.pipeline import run_ptq
 
 

@@ -15,7 +15,7 @@ to even, clamp [-128, 127], zero point 0):
 * activations per tensor at every block / linear input, amax from ``calib.observe`` histograms with
   each ``calib.CalibMethod``; both forms use the same amax (their activations are the same tensors).
 
-Output SQNR (``qfold.metrics.sqnr_db``, dB, higher is better) is measured on the test-split logits
+Output SQNR (``qfold.report.metrics.sqnr_db``, dB, higher is better) is measured on the test-split logits
 against the FP32 train-time network. The weight statistics column gives, per layer, the mean over
 output channels of ``amax / rms`` (how far the largest tap stands out: the int8 step is amax/127,
 so a peaky channel spends its levels on one tap) and the weight-only SQNR of the quantized kernels.
@@ -37,9 +37,9 @@ from sklearn.datasets import load_digits
 
 from calib import CalibMethod, HistogramObserver, observe, weight_amax
 from calib.spec import scale_from_amax_torch
-from qfold import reparam_math as rm
-from qfold.metrics import sqnr_db
-from qfold.reparam import reparameterize
+from qfold.reparam import formulas as rm
+from qfold.reparam.passes import reparameterize
+from qfold.report.metrics import sqnr_db
 
 METHODS = [CalibMethod("max"), CalibMethod("percentile", percentile=99.99), CalibMethod("entropy"), CalibMethod("mse")]
 

@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="artifact folder (overrides the file's [output] dir)")
     ap.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     args = ap.parse_args(argv)
-    from qfold.build import run_build
-    from qfold.pipeline import QualityGateError
+    from qfold.edge import run_build
+    from qfold.errors import QualityGateError
 
     try:
         manifest = run_build(args.build_toml, args.out)

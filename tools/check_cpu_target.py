@@ -61,10 +61,10 @@ def inner(npz: Path, out: Path) -> int:
     import onnxruntime as ort
 
     from qfold.engine.base import EngineConfig
-    from qfold.engine.ort_cpu import detect_cpu
     from qfold.engine.ort import OrtBackend
     from qfold.engine.ort_check import compare
-    from qfold.metrics import sqnr_db
+    from qfold.engine.ort_cpu import detect_cpu
+    from qfold.report.metrics import sqnr_db
 
     data = np.load(npz)
     x, calib, ref = data["x"], data["calib"], data["ref"]

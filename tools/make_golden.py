@@ -21,10 +21,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "calib"))
 
 import torch  # noqa: E402
+from reference import quantile_samples  # noqa: E402
 
 from calib import CalibMethod, HistogramObserver  # noqa: E402
 from calib.atomic import atomic_write_text  # noqa: E402
-from reference import quantile_samples  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "calib" / "golden"
 CACHE_SCALES = {

@@ -58,7 +58,7 @@ from qfold.engine import get_backend
 from qfold.engine import trt as T
 from qfold.engine.base import EngineConfig
 from qfold.examples import MODELS, load_data, load_model
-from qfold.fp16 import convert_float_to_fp16
+from qfold.onnx.fp16 import convert_float_to_fp16
 from qfold.pipeline import run_ptq
 
 

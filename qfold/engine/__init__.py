@@ -8,7 +8,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from qfold.engine.base import Backend, BackendUnavailableError, Engine, EngineConfig, EngineInfo
+from qfold.engine.base import (
+    Backend,
+    Engine,
+    EngineConfig,
+    EngineInfo,
+)
+from qfold.errors import BackendUnavailableError
 
 #: backend name -> "module:attribute" of a zero-argument factory (a Backend class).
 BACKENDS: dict[str, str] = {

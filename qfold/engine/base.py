@@ -14,10 +14,6 @@ from typing import Any, Protocol
 import numpy as np
 
 
-class BackendUnavailableError(ImportError):
-    """An engine backend cannot run here (a missing package or device); the message says what to do instead."""
-
-
 @dataclass(frozen=True)
 class EngineConfig:
     """How an engine is built.

@@ -13,7 +13,7 @@ own u8 x s8 kernels on inputs that saturate int16 pair sums, and its answer wins
 * x86-64 with AVX512-VNNI, AVX-VNNI or AMX-INT8 accumulates u8 x s8 straight into int32.
 * ARM64 uses ``sdot``/``udot``/``smmla`` or widening multiplies into int32: no int16 pair sums.
 
-Targets (what :func:`qfold.onnx_ort_render.render_weights_for_target` renders):
+Targets (what :func:`qfold.onnx.ort_render.render_weights_for_target` renders):
 
 ``vnni``      u8 activations x s8 weights: ONNX Runtime's fast path; exact with VNNI/AMX.
 ``arm64``     the same graph as ``vnni``; exact on ARM64.

@@ -1,6 +1,6 @@
 """The ONNX Runtime backend: an engine is the ORT rendering of a Q/DQ ONNX plus a JSON sidecar.
 
-``build`` reads the TensorRT-profile Q/DQ ONNX, applies :func:`qfold.onnx_qdq.render_for_ort`
+``build`` reads the TensorRT-profile Q/DQ ONNX, applies :func:`qfold.onnx.qdq.render_for_ort`
 (so the CPU provider runs every quantized Conv/Gemm as an int8 kernel) and writes
 ``<engine>.onnx`` and ``<engine>.onnx.json`` atomically. ``load`` opens an ``InferenceSession`` on
 the CPU provider by default; ``device="cuda"`` asks for the TensorRT and CUDA providers (in that
@@ -30,10 +30,11 @@ import onnx
 from calib.atomic import atomic_write_bytes, atomic_write_text
 from qfold.engine.base import EngineConfig, EngineInfo
 from qfold.engine.cpu import TARGET_CHOICES, CpuInfo, exact_on, resolve_target
+from qfold.engine.ort_check import CheckResult, compare
 from qfold.engine.ort_cpu import detect_cpu
-from qfold.engine.ort_check import CheckResult, EngineCheckError, compare
-from qfold.onnx_ort_target import int16_pair_sum_risks, weight_types, weights_to_uint8
-from qfold.onnx_qdq import OrtRendering, render_for_ort, tensors_needing_amax_for_ort
+from qfold.errors import EngineCheckError
+from qfold.onnx.ort_target import int16_pair_sum_risks, weight_types, weights_to_uint8
+from qfold.onnx.qdq import OrtRendering, render_for_ort, tensors_needing_amax_for_ort
 
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -108,7 +109,7 @@ def for_this_cpu(model: onnx.ModelProto, target: str, requested: str = "auto",
 def ort_max_amax(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[np.ndarray]) -> dict[str, float]:
     """Max calibration of ``tensors`` (ONNX names) by running ``model`` in ORT on ``batches``.
 
-    A fallback for :func:`qfold.onnx_qdq.tensors_needing_amax_for_ort` when no calibrator ran
+    A fallback for :func:`qfold.onnx.qdq.tensors_needing_amax_for_ort` when no calibrator ran
     on the PyTorch side: :func:`ort_calibrate` with method ``max``.
     """
     return ort_calibrate(model, tensors, batches, "max")
@@ -118,7 +119,7 @@ def ort_calibrate(model: onnx.ModelProto, tensors: Iterable[str], batches: Itera
     """Calibrate ONNX tensors with :mod:`calib`'s streaming histograms by running ``model`` in ORT.
 
     Used for the tensors only the ONNX Runtime rendering quantizes (conv outputs on residual
-    branches, :func:`qfold.onnx_qdq.tensors_needing_amax_for_ort`), with the same method as the
+    branches, :func:`qfold.onnx.qdq.tensors_needing_amax_for_ort`), with the same method as the
     PyTorch-side calibration. Graph optimizations are off so every named tensor exists.
     """
     import torch
@@ -216,7 +217,7 @@ class OrtBackend:
               check_data: Iterable[np.ndarray] | None = None) -> EngineInfo:
         """Render ``onnx_path`` for ORT and write ``engine_path`` + ``engine_path``.json atomically.
 
-        ``extra_amax``: amax for :func:`qfold.onnx_qdq.tensors_needing_amax_for_ort`; tensors
+        ``extra_amax``: amax for :func:`qfold.onnx.qdq.tensors_needing_amax_for_ort`; tensors
         without one stay float and are listed in the metadata under ``extra.float_for_lack_of_amax``.
         ``config.cpu_target`` picks the CPU rendering (``auto``: this CPU's class).
         ``check_data``: a few calibration batches; the engine, run on this CPU as ``load`` runs it,

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from qfold.metrics import sqnr_db_from_energy
+from qfold.report.metrics import sqnr_db_from_energy
 
 #: the build fails when the engine's largest deviation from the reference exceeds this many output
 #: steps. Saturating kernels measured tens to hundreds of steps on the example ResNet (13.6 dB); a
@@ -29,10 +29,6 @@ TOLERANCE_STEPS = 4.0
 #: by a handful of steps with the rest exact is not saturation, which moves every output (13.6 dB on
 #: the example ResNet).
 MIN_SQNR_DB = 30.0
-
-
-class EngineCheckError(RuntimeError):
-    """The engine deviates from the fake-quant reference by more than the tolerance on this CPU."""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ Build rules (docs/tensorrt.md says where each comes from in TensorRT's headers a
   10.x: ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` and no precision flags. The weakly typed
   ``BuilderFlag.INT8`` (+ ``FP16``) path is used only in the explicit ``legacy_weak_typing`` mode,
   and only where those flags exist.
-* FP16 fallback under strong typing means an FP16 ONNX (qfold.fp16); in legacy mode ``FP16``.
+* FP16 fallback under strong typing means an FP16 ONNX (qfold.onnx.fp16); in legacy mode ``FP16``.
 * ``BuilderFlag.TF32`` (on by default in 10.x and 11.x) is cleared, so FP32 layers compute in FP32.
 * Workspace via ``set_memory_pool_limit(WORKSPACE)``; a timing cache ``<engine>.timing.cache``
   next to the engine, read before and written after each build; one optimization profile over
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from calib.atomic import atomic_write_bytes
-from qfold.engine.base import BackendUnavailableError, EngineConfig, EngineInfo
+from qfold.engine.base import EngineConfig, EngineInfo
 from qfold.engine.trt_install import INSTALL_HINT
 from qfold.engine.trt_plan import (
     BOOKKEEPING_LAYERS,
@@ -61,6 +61,7 @@ from qfold.engine.trt_plan import (
     version_tuple,
     write_engine,
 )
+from qfold.errors import EngineBuildError, TensorRTUnavailableError
 
 __all__ = [
     "BACKEND",
@@ -96,14 +97,6 @@ __all__ = [
     "version_tuple",
     "write_engine",
 ]
-
-
-class TensorRTUnavailableError(BackendUnavailableError):
-    """TensorRT or a CUDA device is missing; the message says how to install or what to use instead."""
-
-
-class EngineBuildError(RuntimeError):
-    """TensorRT could not parse the ONNX or build the engine; the message carries TensorRT's own errors."""
 
 
 # ----------------------------------------------------------------------------- TensorRT side

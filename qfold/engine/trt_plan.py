@@ -373,7 +373,7 @@ def prepare_onnx(onnx_path: str | Path, *, fp16: bool) -> bytes:
         return onnx_path.read_bytes()
     import onnx
 
-    from qfold.fp16 import convert_float_to_fp16
+    from qfold.onnx.fp16 import convert_float_to_fp16
 
     model = onnx.load(str(onnx_path), load_external_data=True)
     return convert_float_to_fp16(model, keep_io_types=True).SerializeToString()

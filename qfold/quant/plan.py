@@ -28,11 +28,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qfold.fx import is_add
 from qfold.quant.modules import weight_axis
 
 QUANT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
 QUANT_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.matmul, operator.matmul, torch.bmm, torch.mm}
-ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 
 
@@ -83,12 +83,6 @@ def _is_quant_layer_node(gm: fx.GraphModule, node: fx.Node, extra: tuple[type[nn
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), QUANT_LAYER_TYPES + extra)
     return node.op == "call_function" and node.target in QUANT_FUNCTIONS
-
-
-def _is_add(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target in ADD_FUNCTIONS:
-        return True
-    return node.op == "call_method" and node.target in ("add", "add_")
 
 
 def _is_cat(node: fx.Node) -> bool:
@@ -182,7 +176,7 @@ def plan_quantization(
     depth = _depths(gm)
     quantized = set(plan.layers)
     for node in gm.graph.nodes:
-        if not _is_add(node):
+        if not is_add(node):
             continue
         ins = [a for a in node.args[:2] if isinstance(a, fx.Node)]
         if len(ins) != 2:

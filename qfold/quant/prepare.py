@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch.fx as fx
 import torch.nn as nn
 
-from qfold.graph import set_module
+from qfold.fx import set_module
 from qfold.quant.modules import ActQuant, QuantLayer
 from qfold.quant.plan import QuantPlan
 

@@ -10,10 +10,22 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import (
+    abs_quantile,
+    entropy_reference,
+    last_argmin,
+    mse_on_samples,
+    quantile_samples,
+)
 
-from calib import CalibMethod, CalibrationError, Histogram, HistogramObserver, compute_amax
+from calib import (
+    CalibMethod,
+    CalibrationError,
+    Histogram,
+    HistogramObserver,
+    compute_amax,
+)
 from calib.amax import entropy_divergences
-from reference import abs_quantile, entropy_reference, last_argmin, mse_on_samples, quantile_samples
 
 GOLDEN = Path(__file__).parent / "golden" / "amax_golden.json"
 KINDS = ["uniform", "gaussian", "laplace"]

@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from calib import CalibMethod, CalibrationError, HistogramObserver, calibrate, observe, weight_amax
+from calib import (
+    CalibMethod,
+    CalibrationError,
+    HistogramObserver,
+    calibrate,
+    observe,
+    weight_amax,
+)
 
 
 class Block(nn.Module):

@@ -10,8 +10,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from calib import (CalibrationError, CalibTable, hash_batches, hash_model, read_trt_cache, scale_from_amax,
-                   versions, write_trt_cache)
+from calib import (
+    CalibrationError,
+    CalibTable,
+    hash_batches,
+    hash_model,
+    read_trt_cache,
+    scale_from_amax,
+    versions,
+    write_trt_cache,
+)
 from calib.trtcache import hex_to_scale, scale_to_hex
 
 GOLDEN = Path(__file__).parent / "golden" / "sample.trtcache"

@@ -20,13 +20,14 @@ from arch_models import (
 )
 from models import max_rel_err
 
-from qfold.bound import bound_relu
+from qfold.bound.passes import bound_relu
+from qfold.capture import capture_info, trace
 from qfold.config import PTQConfig
-from qfold.fold import fold_batchnorm
-from qfold.fold_sites import FoldedNormAct
-from qfold.graph import UntraceableModelError, capture_info, trace
+from qfold.errors import UntraceableModelError
+from qfold.fold.passes import fold_batchnorm
+from qfold.fold.sites import FoldedNormAct
 from qfold.pipeline import run_ptq
-from qfold.reparam import reparameterize
+from qfold.reparam.passes import reparameterize
 
 
 def _prep(model: nn.Module, seed: int = 0) -> nn.Module:

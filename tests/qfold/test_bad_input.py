@@ -151,7 +151,7 @@ def ws(tmp_path_factory):
         for i in range(3):
             Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / "rgb_images" / cls / f"{i}.png")
     # files named .onnx that are not Q/DQ ONNX models
-    from qfold.export import export_onnx
+    from qfold.onnx.export import export_onnx
 
     float_onnx = export_onnx(qmods.tiny(), torch.from_numpy(_x(1)), root / "float.onnx")
     (root / "float.precision.json").unlink(missing_ok=True)
@@ -373,7 +373,7 @@ def test_calibrate_honours_max_samples_and_warns_on_a_single_sample(ws, monkeypa
     assert cli.main(["calibrate", *M, "--config", "ms.toml", "--out", "cal5"]) == 0
     table = json.loads((ws / "cal5" / "calibration.json").read_text())
     assert table["meta"]["samples"] == 5
-    from qfold.sources import load_data
+    from qfold.inputs.sources import load_data
 
     x, _ = load_data(str(ws / "calib.npz"))
     assert table["meta"]["data_sha256"] == hashlib.sha256(x[:5].contiguous().numpy().tobytes()).hexdigest()
@@ -389,10 +389,10 @@ def test_bound_mode_off_or_swap_with_bn_after_a_reused_conv_reports_every_call(w
     """The per-layer SQNR of a module called twice accumulates over both calls, in call order."""
     import qmods
 
-    from qfold.evaluate import layer_sqnr
-    from qfold.graph import trace
-    from qfold.metrics import sqnr_db_from_energy
+    from qfold.capture import trace
     from qfold.pipeline import run_ptq
+    from qfold.report.metrics import sqnr_db_from_energy
+    from qfold.report.stages import layer_sqnr
 
     x = torch.from_numpy(_x(32))
     res = run_ptq(qmods.reused(), x, config=FAST.replace(bound={"mode": mode}), out_dir=tmp_path / "o")
@@ -486,7 +486,8 @@ def test_interrupted_ptq_leaves_the_earlier_run_untouched(tmp_path):
 def test_budget_failure_keeps_the_reports_and_is_recorded_as_failed(ws, tmp_path):
     import qmods
 
-    from qfold.pipeline import QualityGateError, run_ptq
+    from qfold.errors import QualityGateError
+    from qfold.pipeline import run_ptq
 
     out = tmp_path / "o"
     x, y = torch.from_numpy(_x(32)), torch.from_numpy(_y(32))

@@ -10,9 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qfold.bound import BoundConfig, BoundError, bound_relu
-from qfold.bound_math import HEADROOM
-from qfold.fold_math import bn_affine, fold_affine_after
+from qfold.bound.formulas import HEADROOM
+from qfold.bound.passes import BoundConfig, bound_relu
+from qfold.errors import BoundError
+from qfold.fold.formulas import bn_affine, fold_affine_after
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -275,7 +276,7 @@ def test_unfolded_batchnorm_is_an_error_only_where_the_rescale_needs_the_fold() 
         bound_relu(seq, x)
     gm, _ = bound_relu(seq, x, mode="swap")  # the literal swap needs no fold
     torch.testing.assert_close(gm(x), seq[3](F.relu6(seq[1](seq[0](x)))))
-    # folded with qfold.fold_math, preserve works and keeps the function
+    # folded with qfold.fold.formulas, preserve works and keeps the function
     a, c = bn_affine(seq[1].running_mean, seq[1].running_var, seq[1].eps, seq[1].weight, seq[1].bias)
     conv = nn.Conv2d(3, 4, 3)
     w, b = fold_affine_after(seq[0].weight, seq[0].bias, a, c)

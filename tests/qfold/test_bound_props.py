@@ -1,5 +1,5 @@
 """Property tests for ReLU bounding: random producer/consumer layer pairs, histogram quantiles,
-weight rescaling and scale guards (qfold.bound, qfold.bound_math)."""
+weight rescaling and scale guards (qfold.bound, qfold.bound.formulas)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qfold import bound_math as bm
-from qfold.bound import bound_relu
+from qfold.bound import formulas as bm
+from qfold.bound.passes import bound_relu
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -26,12 +26,24 @@ ROOT = Path(__file__).resolve().parents[2]
 from qfold.config import PTQConfig
 from qfold.engine.base import EngineConfig
 from qfold.engine.cpu import detect, exact_on, parse_cpuinfo, resolve_target
-from qfold.engine.ort import OrtBackend, engine_target, for_this_cpu, metadata_path, ort_max_amax
-from qfold.engine.ort_check import TOLERANCE_STEPS, EngineCheckError, compare
+from qfold.engine.ort import (
+    OrtBackend,
+    engine_target,
+    for_this_cpu,
+    metadata_path,
+    ort_max_amax,
+)
+from qfold.engine.ort_check import TOLERANCE_STEPS, compare
 from qfold.engine.ort_cpu import detect_cpu, u8s8_saturates
-from qfold.export import export_onnx
-from qfold.onnx_ort_target import int16_pair_sum_risks, max_pair_sum, weight_types, weights_to_uint8
-from qfold.onnx_qdq import render_for_ort, tensors_needing_amax_for_ort
+from qfold.errors import EngineCheckError
+from qfold.onnx.export import export_onnx
+from qfold.onnx.ort_target import (
+    int16_pair_sum_risks,
+    max_pair_sum,
+    weight_types,
+    weights_to_uint8,
+)
+from qfold.onnx.qdq import render_for_ort, tensors_needing_amax_for_ort
 
 torch.set_num_threads(1)
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from qfold.capture import trace
 from qfold.examples import load_data, load_model
-from qfold.fold import fold_batchnorm
-from qfold.graph import trace
+from qfold.fold.passes import fold_batchnorm
 from qfold.quant import plan_quantization, prepare_fake_quant
 from qfold.quant.prepare import act_quantizers
 

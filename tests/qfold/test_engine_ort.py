@@ -17,8 +17,8 @@ from fq_models import ResNetish, calibrate
 
 from qfold.engine import BACKENDS, EngineConfig, get_backend
 from qfold.engine.ort import OrtBackend, metadata_path, ort_max_amax
-from qfold.export import export_onnx
-from qfold.onnx_qdq import tensors_needing_amax_for_ort
+from qfold.onnx.export import export_onnx
+from qfold.onnx.qdq import tensors_needing_amax_for_ort
 
 torch.set_num_threads(1)
 

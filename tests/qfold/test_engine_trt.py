@@ -281,7 +281,11 @@ def test_tensorrt_wheel_follows_torch_cuda_and_the_driver():
 
 
 def test_install_hint_names_the_checkout_install_and_nvidias_index():
-    from qfold.engine.trt_install import INSTALL_COMMAND, INSTALL_COMMAND_CU12, INSTALL_HINT
+    from qfold.engine.trt_install import (
+        INSTALL_COMMAND,
+        INSTALL_COMMAND_CU12,
+        INSTALL_HINT,
+    )
 
     assert INSTALL_COMMAND == 'pip install -e ".[tensorrt]" --extra-index-url https://pypi.nvidia.com'
     assert INSTALL_COMMAND_CU12 == "pip install -e . tensorrt-cu12 --extra-index-url https://pypi.nvidia.com"
@@ -298,7 +302,8 @@ def test_install_hint_names_the_checkout_install_and_nvidias_index():
 
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here, so the missing-package path cannot run")
 def test_require_backend_refuses_tensorrt_without_it_and_accepts_onnxruntime():
-    from qfold.engine import BackendUnavailableError, require_backend
+    from qfold.engine import require_backend
+    from qfold.errors import BackendUnavailableError
 
     with pytest.raises(BackendUnavailableError, match="--backend onnxruntime"):
         require_backend("tensorrt")
@@ -312,7 +317,7 @@ def test_run_ptq_checks_the_backend_before_any_work(tmp_path):
     import torch
 
     from qfold.config import PTQConfig
-    from qfold.engine import BackendUnavailableError
+    from qfold.errors import BackendUnavailableError
     from qfold.pipeline import run_ptq
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU()).eval()

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from qfold.capture import trace
 from qfold.examples import (
     DATA_DIR,
     MNIST_MEAN,
@@ -23,7 +24,6 @@ from qfold.examples import (
     load_data,
     load_model,
 )
-from qfold.graph import trace
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORD = json.loads((DATA_DIR / "reference.json").read_text())

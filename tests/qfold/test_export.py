@@ -1,4 +1,4 @@
-"""qfold.export: fake-quant PyTorch -> TensorRT-profile Q/DQ ONNX; ORT matches torch within one step."""
+"""qfold.onnx.export: fake-quant PyTorch -> TensorRT-profile Q/DQ ONNX; ORT matches torch within one step."""
 from __future__ import annotations
 
 import json
@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from fq_models import Mixed, ResNetish, calibrate
 
 from calib.spec import INT8_WEIGHT_AXIS0, quantize_ref
-from qfold.export import ExportConfig, export_onnx, precision_map_path
-from qfold.onnx_qdq import check_trt_rules
+from qfold.onnx.export import ExportConfig, export_onnx, precision_map_path
+from qfold.onnx.qdq import check_trt_rules
 
 torch.set_num_threads(1)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from qfold.capture.exported import from_exported_program
 from qfold.examples import MODELS, load_data, load_model
-from qfold.exported import from_exported_program
-from qfold.fold import fold_batchnorm
+from qfold.fold.passes import fold_batchnorm
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -28,8 +28,9 @@ from models import (
     randomize_bn,
 )
 
-from qfold.fold import FoldError, FoldReport, fold_batchnorm
-from qfold.graph import UntraceableModelError, trace
+from qfold.capture import trace
+from qfold.errors import FoldError, UntraceableModelError
+from qfold.fold.passes import FoldReport, fold_batchnorm
 
 
 def _rows(report: FoldReport) -> list[tuple]:

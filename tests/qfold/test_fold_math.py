@@ -1,4 +1,4 @@
-"""qfold.fold_math: golden values, torch's own fusion as a cross-check, and property tests over layouts."""
+"""qfold.fold.formulas: golden values, torch's own fusion as a cross-check, and property tests over layouts."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from qfold.fold_math import bn_affine, fold_affine_after, fold_affine_before
+from qfold.fold.formulas import bn_affine, fold_affine_after, fold_affine_before
 
 D = torch.float64
 

@@ -24,7 +24,7 @@ from models import (
     randomize_bn,
 )
 
-from qfold.fold import fold_batchnorm
+from qfold.fold.passes import fold_batchnorm
 
 N_CONFIGS = 360
 LAYERS = ("conv", "convT", "linear", "linear3d", "before_conv", "before_linear")

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from calib.spec import scale_from_amax
-from qfold.fp16 import (
+from qfold.onnx.fp16 import (
     FP16_MAX,
     FP16_MIN_SUBNORMAL,
     convert_float_to_fp16,
@@ -26,7 +26,7 @@ from qfold.fp16 import (
 
 torch.set_num_threads(1)
 
-# max |y16 - y32| / max |y32| allowed between the FP16 and FP32 Q/DQ graphs (see qfold.fp16 docstring)
+# max |y16 - y32| / max |y32| allowed between the FP16 and FP32 Q/DQ graphs (see qfold.onnx.fp16 docstring)
 REL_TOL = 0.02
 
 

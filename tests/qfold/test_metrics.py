@@ -1,4 +1,4 @@
-"""qfold.metrics: golden values computed by hand, edge cases, and invariances."""
+"""qfold.report.metrics: golden values computed by hand, edge cases, and invariances."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from qfold import metrics
+from qfold.report import metrics as metrics
 
 
 def test_sqnr_golden() -> None:

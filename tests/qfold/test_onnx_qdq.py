@@ -1,4 +1,4 @@
-"""qfold.onnx_qdq: normalization, the TensorRT-rule verifier on hand-built graphs, the ORT rendering."""
+"""qfold.onnx.qdq: normalization, the TensorRT-rule verifier on hand-built graphs, the ORT rendering."""
 from __future__ import annotations
 
 import collections
@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from fq_models import ActQ, Mixed, QConv, ResNetish, calibrate
 
 from qfold.engine.ort import ort_max_amax
-from qfold.export import export_onnx
-from qfold.onnx_qdq import (
+from qfold.onnx.export import export_onnx
+from qfold.onnx.qdq import (
     OrtRendering,
     activation_scales,
     check_trt_rules,

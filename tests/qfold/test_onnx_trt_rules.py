@@ -8,8 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from calib.spec import scale_from_amax
-from qfold.fp16 import convert_float_to_fp16
-from qfold.onnx_trt_rules import check_trt_rules
+from qfold.onnx.fp16 import convert_float_to_fp16
+from qfold.onnx.trt_rules import check_trt_rules
 
 
 def _conv_qdq(scale_dtype=np.float32) -> onnx.ModelProto:

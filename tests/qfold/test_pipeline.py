@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from qfold.config import PTQConfig
+from qfold.errors import QualityGateError
 from qfold.examples import load_data, load_model
-from qfold.pipeline import QualityGateError, run_ptq
+from qfold.pipeline import run_ptq
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = PTQConfig(progress=False).replace(calib={"method": "max"}, eval={"plots": False})
@@ -158,7 +159,7 @@ def _write_build(tmp_path: Path, out: str) -> Path:
 
 
 def test_edge_build_is_reproducible_byte_for_byte(tmp_path):
-    from qfold.build import run_build
+    from qfold.edge import run_build
 
     m1 = run_build(_write_build(tmp_path, "a"))
     m2 = run_build(_write_build(tmp_path, "b"))

@@ -8,17 +8,16 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from models import ResNetStyle, randomize_bn
 
-from qfold import bound_math as bm
-from qfold import evaluate as ev
-from qfold.bound import bound_relu
+from qfold.bound import formulas as bm
+from qfold.bound.passes import bound_relu
+from qfold.capture import trace
 from qfold.config import PTQConfig
-from qfold.graph import trace
 from qfold.pipeline import run_ptq
 from qfold.quant import plan_quantization, prepare_fake_quant
 from qfold.quant.prepare import act_quantizers, quant_layers
-
-from models import ResNetStyle, randomize_bn
+from qfold.report import stages as ev
 
 
 class Net(nn.Module):

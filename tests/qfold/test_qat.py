@@ -16,9 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from calib.spec import INT8_WEIGHT_AXIS0, fake_quant_ref
-from qfold import fold_math, qat, qat_math
-from qfold.graph import trace
-from qfold.qat_modules import ConvBn, QATActQuant, QuantConvBn
+from qfold.capture import trace
+from qfold.fold import formulas as fold_math
+from qfold.qat import formulas as qat_math
+from qfold.qat import (
+    passes as qat,  # the package re-exports the public API; tests also read private state
+)
+from qfold.qat.modules import ConvBn, QATActQuant, QuantConvBn
 from qfold.quant import plan_quantization, prepare_fake_quant
 from qfold.quant.prepare import act_quantizers, quant_layers, quantization_disabled
 
@@ -206,7 +210,7 @@ def test_prepare_shares_parameters_so_an_earlier_optimizer_keeps_training(traine
 
 
 def test_quantizers_sit_where_the_ptq_plan_puts_them(trained):
-    from qfold.fold import fold_batchnorm
+    from qfold.fold.passes import fold_batchnorm
 
     folded, _ = fold_batchnorm(copy.deepcopy(trained).eval())
     ptq = prepare_fake_quant(trace(folded), plan_quantization(trace(folded)))
@@ -397,9 +401,11 @@ def test_ddp_two_gloo_ranks_keep_amax_identical(tmp_path):
 
 def test_lightning_callback_steps_the_schedule():
     pl = pytest.importorskip("lightning.pytorch", reason="PyTorch Lightning is an optional dependency (pip install -e \".[lightning]\" from the checkout)")
-    assert issubclass(qat.QATCallback, pl.Callback)
+    from qfold.qat.lightning import QATCallback
+
+    assert issubclass(QATCallback, pl.Callback)
     qm = qat.prepare(TinyNet().train(), torch.rand(8, 1, 8, 8))
-    qat.QATCallback().on_train_batch_end(None, qm, None, None, 0)
+    QATCallback().on_train_batch_end(None, qm, None, None, 0)
     assert int(qm.qfold_qat_step) == 1
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from calib.spec import QuantSpec, fake_quant_ref
-from qfold.graph import trace
+from qfold.capture import trace
 from qfold.quant import ActQuant, QuantLayer, plan_quantization, prepare_fake_quant
 from qfold.quant.prepare import quant_layers, quantization_disabled
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from qfold.reparam import ReparamReport, reparameterize
+from qfold.reparam.passes import ReparamReport, reparameterize
 
 torch.set_num_threads(1)
 REL_TOL = 1e-5  # acceptance: max |merged - reference| / max |reference| in fp32

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from qfold import reparam_math as rm
-from qfold.reparam import reparameterize
+from qfold.reparam import formulas as rm
+from qfold.reparam.passes import reparameterize
 
 torch.set_num_threads(1)
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -12,10 +12,10 @@ import torch.nn as nn
 import calib
 from calib.auto import auto_amax, error_moments
 from qfold import pipeline as pl
+from qfold.budget.fallback import search_fallback
+from qfold.budget.sensitivity import layer_sensitivity
 from qfold.config import PTQConfig
-from qfold.fallback import search_fallback
 from qfold.quant.prepare import quant_layers
-from qfold.sensitivity import layer_sensitivity
 
 FAST = PTQConfig(progress=False).replace(eval={"plots": False, "layer_report": False})
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from qfold import sources
 from qfold.examples import weights_path
+from qfold.inputs import sources as sources
 
 
 def test_image_folder_gives_float_images_and_class_labels(tmp_path):

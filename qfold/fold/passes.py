@@ -16,14 +16,14 @@ one into an adjacent layer when the result is exactly the same function:
 Reads of a tensor's metadata (``.shape``, ``.ndim``, ``.size()``, ``.dtype``, ``.device``,
 ``reshape_as``) are not consumers. A BatchNorm + activation module (timm's ``BatchNormAct2d`` /
 ``FrozenBatchNormAct2d``) keeps its activation: it becomes a
-:class:`~qfold.fold_sites.FoldedNormAct` of its children. A model fx cannot trace is captured with
+:class:`~qfold.fold.sites.FoldedNormAct` of its children. A model fx cannot trace is captured with
 ``torch.export`` when ``example_inputs`` are given (the report's ``capture`` / ``valid_for``).
 
-Everything else is left in place and the :class:`~qfold.fold_report.FoldReport` says why. The
-arithmetic is :mod:`qfold.fold_math` (float64, cast back to the layer's dtype). A model fx cannot
+Everything else is left in place and the :class:`~qfold.fold.report.FoldReport` says why. The
+arithmetic is :mod:`qfold.fold.formulas` (float64, cast back to the layer's dtype). A model fx cannot
 trace is folded piece by piece: the failing submodule becomes a leaf and is folded on its own.
 
-What counts as a BatchNorm, and where one is called, is :mod:`qfold.fold_sites`.
+What counts as a BatchNorm, and where one is called, is :mod:`qfold.fold.sites`.
 """
 from __future__ import annotations
 
@@ -38,11 +38,20 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from qfold.fold_math import bn_affine, fold_affine_after, fold_affine_before
-from qfold.fold_report import FoldEntry, FoldReport
-from qfold.fold_sites import FoldedNormAct, FoldError, _bn_like, _frozen_stats, _Site, _site, _Stats
-from qfold.graph import UntraceableModelError, capture_info, data_users, set_module, trace
-from qfold.keep_attrs import SOURCE_CLASS, keep_interface
+from qfold.capture import capture_info, trace
+from qfold.capture.keep_attrs import SOURCE_CLASS, keep_interface
+from qfold.errors import FoldError, UntraceableModelError
+from qfold.fold.formulas import bn_affine, fold_affine_after, fold_affine_before
+from qfold.fold.report import FoldEntry, FoldReport
+from qfold.fold.sites import (
+    FoldedNormAct,
+    _bn_like,
+    _frozen_stats,
+    _Site,
+    _site,
+    _Stats,
+)
+from qfold.fx import call_counts, data_users, describe, set_module
 
 __all__ = ["FoldEntry", "FoldError", "FoldReport", "fold_batchnorm"]
 
@@ -162,7 +171,7 @@ class _BNThenChildren(_AnyRankBN):
 
 def _export_capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule | None:
     """``model`` captured by torch.export (frozen BNs turned into BatchNorms first), or None if that fails."""
-    from qfold.exported import capture
+    from qfold.capture.exported import capture
 
     ready = copy.deepcopy(model)
     for name, m in list(ready.named_modules()):
@@ -242,7 +251,7 @@ def _fold_graph(
     while changed:  # a fold can make another legal (bn -> bn -> conv), so repeat until nothing moves
         changed = False
         left = {}
-        calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        calls = call_counts(gm)
         read = {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
         for node in list(gm.graph.nodes):
             site = _site(gm, node, prefix, frozen)
@@ -268,17 +277,6 @@ def _fold_graph(
             e = dataclasses.replace(e, bn=f"{e.bn} (call {calls_so_far[e.bn]})")
         keyed.append(((order[n],), e))
     return keyed
-
-
-def _describe(node: fx.Node) -> str:
-    if node.op == "placeholder":
-        return f"the input '{node.target}'"
-    if node.op == "call_module":
-        return f"'{node.target}'"
-    if node.op == "output":
-        return "the model output"
-    target = getattr(node.target, "__name__", str(node.target))
-    return f"{target} ('{node.name}')" if node.op == "call_function" else f".{target}() ('{node.name}')"
 
 
 def _layer_base(m: nn.Module, types: Sequence[type[nn.Module]]) -> type[nn.Module] | None:
@@ -371,7 +369,7 @@ def _plan_after(gm, site: _Site, calls, read, ranks) -> tuple[fx.Node | None, st
     flat = _flatten_to_2d(prod, ranks)
     if flat is not None and len(data_users(prod)) == 1:
         if flat is False:
-            return None, f"its input is {_describe(prod)}, which does not give a 2-D (tokens, features) tensor", ""
+            return None, f"its input is {describe(gm, prod)}, which does not give a 2-D (tokens, features) tensor", ""
         if ranks.get(prod.args[0]) is None and prod.args[2] != -2:
             flat_note = "assumed a 3-D input to flatten(0, 1); pass example_inputs to check"
         prod, swapped = prod.args[0], True  # (..., F) -> (N, F): the BatchNorm normalises the Linear's features
@@ -381,13 +379,13 @@ def _plan_after(gm, site: _Site, calls, read, ranks) -> tuple[fx.Node | None, st
             prod, swapped = prod.args[0], True
         elif prod.args[0].op == "call_module":
             return None, (
-                f"its input is {_describe(prod)} of '{prod.args[0].target}', whose rank is unknown for a "
+                f"its input is {describe(gm, prod)} of '{prod.args[0].target}', whose rank is unknown for a "
                 f"{site.kind}: pass example_inputs"
             ), ""
     if _is_channel_cat(prod) and not swapped:
         return _plan_after_cat(gm, site, prod, calls, read)
     if prod.op != "call_module":
-        return None, f"its input comes from {_describe(prod)}, not a Conv/ConvTranspose/Linear", ""
+        return None, f"its input comes from {describe(gm, prod)}, not a Conv/ConvTranspose/Linear", ""
     m = gm.get_submodule(prod.target)
     base = _layer_base(m, list(_AFTER_AXIS))
     if base is None or (swapped and base is not nn.Linear):
@@ -396,7 +394,7 @@ def _plan_after(gm, site: _Site, calls, read, ranks) -> tuple[fx.Node | None, st
     if why:
         return None, why, ""
     if len(data_users(prod)) > 1:
-        others = ", ".join(_describe(u) for u in data_users(prod) if u is not site.node and u is not site.x)
+        others = ", ".join(describe(gm, u) for u in data_users(prod) if u is not site.node and u is not site.x)
         return None, f"the output of '{prod.target}' also feeds {others}", ""
     n = site.stats.mean.numel()
     if _channels(m, out=True) != n:
@@ -427,34 +425,34 @@ def _pieces(node: fx.Node) -> list[fx.Node]:
 def _plan_after_cat(gm, site: _Site, cat: fx.Node, calls, read) -> tuple[fx.Node | None, str, str]:
     """BN over ``cat([conv_1(x_1), conv_2(x_2), ...], 1)``: each conv absorbs its slice of channels (MixNet)."""
     if len(data_users(cat)) > 1:
-        return None, f"the output of {_describe(cat)} also feeds {', '.join(_describe(u) for u in data_users(cat) if u is not site.node)}", ""
+        return None, f"the output of {describe(gm, cat)} also feeds {', '.join(describe(gm, u) for u in data_users(cat) if u is not site.node)}", ""
     total = 0
     for piece in _pieces(cat):
         m = gm.get_submodule(piece.target) if piece.op == "call_module" else None
         base = _layer_base(m, list(_AFTER_AXIS)) if m is not None else None
         if base is None or base is nn.Linear:
-            what = f"'{piece.target}' ({type(m).__name__})" if m is not None else _describe(piece)
-            return None, f"its input is {_describe(cat)} of {what}, not only Conv/ConvTranspose layers", ""
+            what = f"'{piece.target}' ({type(m).__name__})" if m is not None else describe(gm, piece)
+            return None, f"its input is {describe(gm, cat)} of {what}, not only Conv/ConvTranspose layers", ""
         why = _layer_problem(gm, piece, calls, read) or (
-            f"the output of '{piece.target}' also feeds more than {_describe(cat)}"
+            f"the output of '{piece.target}' also feeds more than {describe(gm, cat)}"
             if len(data_users(piece)) > 1 or list(cat.args[0]).count(piece) > 1 else ""
         )
         if why:
             return None, why, ""
         total += _channels(m, out=True)
     if total != site.stats.mean.numel():
-        return None, f"{_describe(cat)} gives {total} channels, the BatchNorm {site.stats.mean.numel()}", ""
+        return None, f"{describe(gm, cat)} gives {total} channels, the BatchNorm {site.stats.mean.numel()}", ""
     return cat, "", ""
 
 
 def _plan_before(gm, site: _Site, calls, read, ranks) -> tuple[fx.Node | None, str, str]:
     users = data_users(site.node)
     if len(users) != 1:
-        return None, f"its output feeds {len(users)} nodes ({', '.join(_describe(u) for u in users)})", ""
+        return None, f"its output feeds {len(users)} nodes ({', '.join(describe(gm, u) for u in users)})", ""
     user = users[0]
     m = gm.get_submodule(user.target) if user.op == "call_module" else None
     if m is None or _layer_base(m, _BEFORE_TYPES) is None:
-        what = f"'{user.target}' ({type(m).__name__})" if m is not None else _describe(user)
+        what = f"'{user.target}' ({type(m).__name__})" if m is not None else describe(gm, user)
         return None, f"its output feeds {what}, not a Conv/Linear", ""
     if user.args != (site.node,) or user.kwargs:
         return None, f"'{user.target}' is called with extra arguments", ""

@@ -3,7 +3,7 @@
 ``eval.fallback = "auto"`` with ``eval.max_drop_pp`` set (CLI ``qfold ptq --max-drop PP --fallback
 auto``). The search:
 
-1. ranks the quantized layers with :func:`qfold.sensitivity.layer_sensitivity` on (the first
+1. ranks the quantized layers with :func:`qfold.budget.sensitivity.layer_sensitivity` on (the first
    ``RANK_SAMPLES`` of) the evaluation data, most sensitive first;
 2. builds the real engine with the first ``k`` ranked layers kept float, for ``k = 0, 1, 2, 4, 8,
    ...`` (at most all layers but one) until the measured top-1 drop is within the budget, then
@@ -38,9 +38,9 @@ import torch
 import torch.nn as nn
 
 from calib.atomic import atomic_write_text
-from qfold import evaluate as ev
+from qfold.budget.sensitivity import SensitivityReport, layer_sensitivity
 from qfold.config import PTQConfig
-from qfold.sensitivity import SensitivityReport, layer_sensitivity
+from qfold.report import stages as ev
 
 TIMING_BATCH = 64
 TIMING_REPEATS = 5

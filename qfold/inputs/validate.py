@@ -22,16 +22,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from qfold.errors import InputError
+
 #: Fewer calibration samples than this gives a warning (amax from a handful of inputs is noise).
 MIN_CALIB_SAMPLES = 16
-
-
-class InputError(ValueError):
-    """Bad input found before any work: the message names the cause and the fix."""
-
-
-class InputWarning(UserWarning):
-    """An input that works but is probably a mistake (say, a single calibration sample)."""
 
 
 # --------------------------------------------------------------------------- configuration schema

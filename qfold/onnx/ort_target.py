@@ -12,8 +12,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from qfold._onnx_graph import WEIGHTED, GraphIndex, all_names, remove_dead, replace_initializer, unique_name
 from qfold.engine.cpu import TARGETS, WEIGHT_TYPE
+from qfold.onnx.graph import (
+    WEIGHTED,
+    GraphIndex,
+    all_names,
+    remove_dead,
+    replace_initializer,
+    unique_name,
+)
 
 #: int16 saturates above this; ``vpmaddubsw`` adds two u8 * s8 products.
 INT16_MAX = 32767

@@ -19,16 +19,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from qfold.fold_math import bn_affine
-from qfold.keep_attrs import SOURCE_CLASS
+from qfold.capture.keep_attrs import SOURCE_CLASS
+from qfold.errors import FoldError
+from qfold.fold.formulas import bn_affine
 
 __all__ = ["FoldError"]
-
-
-class FoldError(ValueError):
-    """The model cannot be folded as asked; the message names the module and the fix."""
-
-    __module__ = "qfold.fold"  # defined here to avoid an import cycle; public home is qfold.fold
 
 
 _BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)

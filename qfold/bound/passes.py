@@ -5,7 +5,7 @@
 ``call_module`` ``nn.ReLU6`` (existing ``F.relu6`` / ``F.hardtanh(x, 0, 6)`` / ``Hardtanh(0, 6)`` are
 normalized the same way). In ``"preserve"`` mode the conv/linear layers writing into each ReLU
 are rescaled per channel by ``s_c = 6/q_c`` and the layers reading from it by ``1/s_c`` (see
-:mod:`qfold.bound_math`), so the ReLU6 cap sits at the ``quantile`` ``q_c`` of the real
+:mod:`qfold.bound.formulas`), so the ReLU6 cap sits at the ``quantile`` ``q_c`` of the real
 activations and the network computes what it did before, up to that clipping.
 
 Which tensors share a scale is found by a union-find over the graph: a ReLU site joins its input
@@ -23,13 +23,12 @@ in pre-activation DenseNets) writing into a group absorbs ``s`` in its gamma and
 one reading from a group cannot absorb ``1/s`` (``eps`` is not per channel), so that group falls back.
 
 The graph classification and planning (site detection, union-find of channel groups, producers and
-consumers) are :mod:`qfold.bound_graph`; this module applies the plan.
+consumers) are :mod:`qfold.bound.sites`; this module applies the plan.
 """
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -37,17 +36,16 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
-from qfold import bound_math as bm
-from qfold.bound_graph import (
-    BoundError,
+from qfold.bound import formulas as bm
+from qfold.bound.sites import (
     _bounded_site,
     _data,
-    _fn_name,
     _plan,
-    _relu_site,
 )
-from qfold.graph import set_module, trace
-from qfold.metrics import sqnr_db_from_energy
+from qfold.capture import trace
+from qfold.errors import BoundError
+from qfold.fx import eval_mode, fn_name, relu_site, set_module
+from qfold.report.metrics import sqnr_db_from_energy
 
 MODES = ("preserve", "swap")
 
@@ -170,20 +168,6 @@ class _Watch(fx.Interpreter):
         return out
 
 
-@contextmanager
-def _eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Eval mode and no_grad inside the block; every module's training flag restored after."""
-    flags = [(m, m.training) for model in models for m in model.modules()]
-    try:
-        for model in models:
-            model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, f in flags:
-            m.training = f
-
-
 def _batches(data: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
     if isinstance(data, torch.Tensor):
         if data.ndim < 1 or data.shape[0] == 0:
@@ -221,7 +205,7 @@ def _shapes(gm: fx.GraphModule, batch: torch.Tensor) -> dict[str, tuple | None]:
 # ---------------------------------------------------------------- the pass
 
 
-def _rewrite_to_relu6(gm: fx.GraphModule, names: dict[str, bool]) -> dict[str, str]:
+def rewrite_to_relu6(gm: fx.GraphModule, names: dict[str, bool]) -> dict[str, str]:
     """Every node in ``names`` (name -> in place) becomes a call to an ``nn.ReLU6`` submodule."""
     nodes = {n.name: n for n in gm.graph.nodes}
     new_names, k = {}, 0
@@ -280,16 +264,16 @@ def bound_relu(
     first = next(iter(_batches(calib_data, config.batch_size)), None) if calib_data is not None else None
     gm = trace(model, example_inputs=first)  # torch.export capture on the first batch if fx cannot trace
     graph_nodes = list(gm.graph.nodes)
-    sites = {n.name: ip for n in graph_nodes if (ip := _relu_site(gm, n)) is not None}
+    sites = {n.name: ip for n in graph_nodes if (ip := relu_site(gm, n)) is not None}
     bounded = {n.name: ip for n in graph_nodes if (ip := _bounded_site(gm, n)) is not None}
-    target = {n.name: n.target if n.op == "call_module" else _fn_name(n.target) for n in graph_nodes}
+    target = {n.name: n.target if n.op == "call_module" else fn_name(n.target) for n in graph_nodes}
     batches = (lambda: _batches(calib_data, config.batch_size)) if calib_data is not None else None
 
     scales: dict[int, torch.Tensor] = {}
     groups, group_of, consumers = [], {}, {}
     fp32 = _Reference(sites) if batches is not None else None
     if config.mode == "preserve" and sites:
-        with _eval_mode(gm):
+        with eval_mode(gm):
             shapes = _shapes(gm, next(iter(batches())))
             groups, group_of, consumers = _plan(gm, shapes, list(sites))
             live = [s for s in sites if not groups[group_of[s]].reason]
@@ -324,7 +308,7 @@ def bound_relu(
             todo.setdefault(c, {})["in_scale"] = torch.cat(parts)
     for name, kw in todo.items():
         _rescale(bgm.get_submodule(name), **kw)
-    new_names = _rewrite_to_relu6(bgm, {**sites, **bounded})
+    new_names = rewrite_to_relu6(bgm, {**sites, **bounded})
 
     above, clipped, samples, sqnr, agree = {}, {}, 0, None, None
     if batches is not None:
@@ -407,7 +391,7 @@ def _measure(gm, bgm, batches, sites, new_names, fp32: _Reference | None = None)
     signal = noise = 0.0
     same = rows = samples = 0
     top1 = True
-    with _eval_mode(gm, bgm):
+    with eval_mode(gm, bgm):
         for i, x in enumerate(batches()):
             if i == 0 and ref_pass:
                 _shapes(gm, x)  # a clear error for data of the wrong shape
@@ -440,7 +424,7 @@ def _measure_unchanged(gm, batches):
     ReLU6 / Hardtanh(0, 6) calls to ``nn.ReLU6``, which computes the same values, so the output
     SQNR is +inf and the top-1 agreement 1 (for (N, classes) outputs) without running both models."""
     samples, top1 = 0, None
-    with _eval_mode(gm):
+    with eval_mode(gm):
         for i, x in enumerate(batches()):
             if i == 0:
                 _shapes(gm, x)  # a clear error for data of the wrong shape

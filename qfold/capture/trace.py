@@ -1,4 +1,8 @@
-"""torch.fx helpers shared by the graph passes: tracing with actionable errors, module lookup."""
+"""Model -> torch.fx GraphModule: symbolic tracing with actionable errors, torch.export as the fallback.
+
+A traced copy keeps the original's attributes, properties and methods (:mod:`qfold.capture.keep_attrs`);
+:func:`capture_info` tells which capture produced a graph and for which inputs it is valid.
+"""
 from __future__ import annotations
 
 import copy
@@ -8,20 +12,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from qfold.keep_attrs import keep_interface
+from qfold.capture.keep_attrs import keep_interface
+from qfold.errors import UntraceableModelError
 
-
-class UntraceableModelError(TypeError):
-    """torch.fx could not trace the model; the message names the module and what to do.
-
-    Attributes:
-        module_name: qualified name of the innermost module whose forward failed ("" for the
-            root), or None when it could not be told.
-    """
-
-    def __init__(self, message: str, module_name: str | None = None) -> None:
-        super().__init__(message)
-        self.module_name = module_name
+__all__ = ["FX_CAPTURE", "capture_info", "trace"]
 
 
 def _failing_module(model: nn.Module, exc: Exception) -> str | None:
@@ -63,9 +57,9 @@ def trace(
 ) -> fx.GraphModule:
     """Symbolically trace a deep copy of ``model`` (the user's model is never touched).
 
-    The result keeps ``model``'s attributes, properties and methods (:mod:`qfold.keep_attrs`).
+    The result keeps ``model``'s attributes, properties and methods (:mod:`qfold.capture.keep_attrs`).
     When torch.fx fails and ``example_inputs`` are given, the model is captured with
-    ``torch.export`` instead (:func:`qfold.exported.capture`: valid for the example's shape, any
+    ``torch.export`` instead (:func:`qfold.capture.exported.capture`: valid for the example's shape, any
     batch size); :func:`capture_info` tells which capture a GraphModule came from.
 
     Args:
@@ -91,7 +85,7 @@ def trace(
         where = _failing_module(model, exc)
         fallback = ""
         if example_inputs is not None and not leaf_types and not leaf_names:
-            from qfold.exported import capture
+            from qfold.capture.exported import capture
 
             try:
                 inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
@@ -110,63 +104,3 @@ def trace(
     if isinstance(model, fx.GraphModule) and "qfold_capture" in model.meta:
         gm.meta["qfold_capture"] = dict(model.meta["qfold_capture"])  # re-tracing an exported capture keeps its validity
     return keep_interface(gm, model)
-
-
-def get_module(root: nn.Module, qualname: str) -> nn.Module:
-    """The submodule at dotted ``qualname`` ('' is the root)."""
-    return root.get_submodule(qualname) if qualname else root
-
-
-def set_module(root: nn.Module, qualname: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted ``qualname`` with ``new``."""
-    parent_name, _, child = qualname.rpartition(".")
-    setattr(get_module(root, parent_name), child, new)
-
-
-_META_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
-_META_METHODS = frozenset({"size", "dim", "numel", "nelement", "get_device"})
-_SHAPE_LIKE_METHODS = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})
-
-
-def is_metadata_read(user: fx.Node, node: fx.Node) -> bool:
-    """True when ``user`` reads only ``node``'s metadata (shape, rank, dtype, device), not its values.
-
-    ``getattr(x, "shape" | "ndim" | "dtype" | "device")``, ``x.size()`` / ``x.dim()`` / ``x.numel()``,
-    and ``y.reshape_as(x)`` / ``y.view_as(x)`` / ``y.expand_as(x)`` / ``y.type_as(x)`` where ``x``
-    is only the template. Such a read is unchanged when ``node``'s values change (a BatchNorm
-    folded into the layer that produced ``node`` keeps its shape, dtype and device).
-    """
-    if user.op == "call_function" and user.target is getattr:
-        return len(user.args) >= 2 and user.args[0] is node and user.args[1] in _META_ATTRS
-    if user.op == "call_method" and user.target in _META_METHODS:
-        return bool(user.args) and user.args[0] is node and node not in user.args[1:] and node not in user.kwargs.values()
-    if user.op == "call_method" and user.target in _SHAPE_LIKE_METHODS:
-        return len(user.args) == 2 and user.args[0] is not node and user.args[1] is node and not user.kwargs
-    return False
-
-
-def data_users(node: fx.Node) -> list[fx.Node]:
-    """The nodes that read ``node``'s values (:func:`users_of` minus :func:`is_metadata_read` users)."""
-    return [u for u in node.users if not is_metadata_read(u, node)]
-
-
-def users_of(node: fx.Node) -> list[fx.Node]:
-    """The nodes that read ``node``'s output, in graph order."""
-    return list(node.users)
-
-
-def call_module_target(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The module a ``call_module`` node calls, else None."""
-    if node.op == "call_module":
-        return gm.get_submodule(node.target)
-    return None
-
-
-def is_eval(model: nn.Module) -> bool:
-    """True when no submodule is in training mode."""
-    return not any(m.training for m in model.modules())
-
-
-def assert_no_grad_needed(t: torch.Tensor) -> torch.Tensor:
-    """Detach helper used where graph passes read parameters."""
-    return t.detach()

@@ -17,7 +17,7 @@ small, so the saving grows with depth.
 
 Caveat: keeping ``L`` float in the real export can also move a residual-add quant point (the plan
 fuses the add with another branch); the variants here keep the placement fixed. The mixed-precision
-search (:mod:`qfold.fallback`) therefore uses this ranking only to order its candidates and
+search (:mod:`qfold.budget.fallback`) therefore uses this ranking only to order its candidates and
 re-measures the real engine.
 """
 from __future__ import annotations
@@ -36,9 +36,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from calib.atomic import atomic_write_text
-from qfold import metrics
 from qfold.quant.modules import ActQuant, QuantLayer
 from qfold.quant.plan import QuantPlan
+from qfold.report import metrics as metrics
 
 MODES = ("only_quantized", "only_float")
 
@@ -147,7 +147,7 @@ def _finite(v: Any) -> Any:
 def _plot(report: SensitivityReport, path: Path) -> Path:
     import matplotlib
 
-    from qfold.evaluate import save_figure
+    from qfold.report.stages import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -16,7 +16,7 @@ and replaces each such group (it needs at least one conv) by one ``ConvNd`` with
 after the group's largest conv: RepVGG (3x3 conv-BN + 1x1 conv-BN + BN), ACNet (3x3 + 1x3 + 3x1),
 conv-BN + BN, plain sums of convs, ``groups > 1`` and strided blocks. Leaves reading other
 inputs stay and are added back. Blocks whose geometry does not line up are left and reported.
-The math is in :mod:`qfold.reparam_math`; nothing here depends on a model family's classes.
+The math is in :mod:`qfold.reparam.formulas`; nothing here depends on a model family's classes.
 """
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from qfold import reparam_math as rm
-from qfold.fold_math import bn_affine
-from qfold.graph import set_module, trace
+from qfold.capture import trace
+from qfold.fold.formulas import bn_affine
+from qfold.fx import is_add, module_of, set_module
+from qfold.reparam import formulas as rm
 
 # conv type -> (the BatchNorm type that may follow it, spatial rank)
 _CONV_TABLE: dict[type, tuple[type, int]] = {
@@ -40,7 +41,6 @@ _CONV_TABLE: dict[type, tuple[type, int]] = {
     nn.Conv3d: (nn.BatchNorm3d, 3),
 }
 _BN_RANK: dict[type, int] = {bn: rank for bn, rank in _CONV_TABLE.values()}
-_ADD_FUNCTIONS = (operator.add, torch.add)
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,8 @@ class _Branch:
 
 
 def _is_add(n: fx.Node) -> bool:
-    is_add = (n.op == "call_function" and n.target in _ADD_FUNCTIONS) or (n.op == "call_method" and n.target == "add")
     return (
-        is_add
+        is_add(n)
         and len(n.args) == 2
         and all(isinstance(a, fx.Node) for a in n.args)
         and n.kwargs in ({}, {"alpha": 1})
@@ -155,17 +154,13 @@ def _sum_tree(root: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
     return leaves, adds
 
 
-def _module(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
-    return gm.get_submodule(n.target) if n.op == "call_module" else None
-
-
 def _branch(gm: fx.GraphModule, leaf: fx.Node) -> _Branch:
-    m = _module(gm, leaf)
+    m = module_of(gm, leaf)
     if m is not None and type(m) in _CONV_TABLE:
         return _Branch("conv", leaf.args[0], leaf, conv=leaf.target, nodes=(leaf,))
     if m is not None and type(m) in _BN_RANK:
         prev = leaf.args[0]
-        pm = _module(gm, prev)
+        pm = module_of(gm, prev)
         if pm is not None and type(pm) in _CONV_TABLE and _CONV_TABLE[type(pm)][0] is type(m) and len(prev.users) == 1:
             return _Branch("conv+bn", prev.args[0], leaf, conv=prev.target, bn=leaf.target, nodes=(prev, leaf))
         return _Branch("bn", prev, leaf, bn=leaf.target, nodes=(leaf,))
@@ -365,14 +360,14 @@ def reparameterize(
 ) -> tuple[fx.GraphModule, ReparamReport]:
     """Merge every sum of parallel branches linear in one input into a single conv with bias.
 
-    The model is traced (:func:`qfold.graph.trace`) on a deep copy; ``model`` is never modified.
+    The model is traced (:func:`qfold.capture.trace`) on a deep copy; ``model`` is never modified.
     Run it before BN folding: the BNs inside the merged branches are folded here.
 
     Args:
         model: an eval-mode FP32 module that torch.fx can trace.
         example_inputs: an input batch; when torch.fx cannot trace ``model`` it is captured with
             ``torch.export`` on it instead (valid for that input shape, any batch size; see
-            :func:`qfold.graph.capture_info`).
+            :func:`qfold.capture.capture_info`).
 
     Returns:
         ``(graph_module, report)``: the re-parameterized model (outputs equal to ``model``'s up
@@ -380,7 +375,7 @@ def reparameterize(
 
     Raises:
         ValueError: a BatchNorm is in training mode (call ``model.eval()`` first).
-        qfold.graph.UntraceableModelError: torch.fx cannot trace ``model`` (nor torch.export
+        qfold.fx.UntraceableModelError: torch.fx cannot trace ``model`` (nor torch.export
             capture it on ``example_inputs``).
     """
     gm = trace(model, example_inputs=example_inputs)

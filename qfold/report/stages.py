@@ -1,7 +1,7 @@
 """Accuracy loss against the FP32 training graph: per stage, per layer, as JSON, Markdown and plots.
 
 Every stage (folded, bounded, fake-quant, engine) is compared with the *original* model in eval
-mode on the same inputs. Metrics come from :mod:`qfold.metrics`; this module only runs models,
+mode on the same inputs. Metrics come from :mod:`qfold.report.metrics`; this module only runs models,
 accumulates and reports.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from calib.atomic import atomic_write_bytes, atomic_write_text
-from qfold import metrics
+from qfold.report import metrics as metrics
 
 STAGE_ORDER = ("folded", "bounded", "fake_quant", "engine")
 

@@ -12,7 +12,7 @@ in its weight)::
 read the extra padding rows and contribute nothing. A branch ``a * x + c`` (an identity
 BatchNorm, or ``x`` itself with ``a = 1, c = 0``) is the convolution whose kernel has ``a`` at
 the centre tap of input channel ``o mod (C / groups)`` for output channel ``o`` (stride 1 only).
-A conv followed by eval BatchNorm folds first (``qfold.fold_math``). Branches of different
+A conv followed by eval BatchNorm folds first (``qfold.fold.formulas``). Branches of different
 ``groups`` merge at ``g = gcd(groups_i)`` by writing each grouped kernel block-diagonally into the
 coarser grouping.
 
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from qfold.fold_math import bn_affine, fold_affine_after
+from qfold.fold.formulas import bn_affine, fold_affine_after
 
 
 def centre_offset(kernel: Sequence[int], target: Sequence[int]) -> tuple[int, ...]:

@@ -2,7 +2,7 @@
 
 ``torch.fake_quantize_per_tensor_affine`` / ``..._per_channel_affine`` export as
 ``QuantizeLinear -> DequantizeLinear`` (opset >= 13 for per-channel); the exported graph is then put
-in TensorRT's explicit-quantization form by :func:`qfold.onnx_qdq.normalize_qdq` and checked with
+in TensorRT's explicit-quantization form by :func:`qfold.onnx.qdq.normalize_qdq` and checked with
 ``onnx.checker``. Same model, input and config give byte-identical files.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from calib.atomic import atomic_write_bytes, atomic_write_text
-from qfold.onnx_qdq import normalize_qdq, precision_map
+from qfold.onnx.qdq import normalize_qdq, precision_map
 
 Exporter = Literal["torchscript", "dynamo"]
 
@@ -36,7 +36,7 @@ class ExportConfig:
         exporter: "torchscript" (the legacy ``dynamo=False`` exporter: deterministic, exports
             fake-quant ops as Q/DQ) or "dynamo" (``torch.export``-based).
         input_names, output_names: ONNX graph I/O names.
-        normalize: put Q/DQ in TensorRT's form (:func:`qfold.onnx_qdq.normalize_qdq`) and write the
+        normalize: put Q/DQ in TensorRT's form (:func:`qfold.onnx.qdq.normalize_qdq`) and write the
             per-layer precision map ``<stem>.precision.json`` next to the model.
     """
 

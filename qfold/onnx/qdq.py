@@ -20,7 +20,7 @@ import onnx
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from qfold._onnx_graph import (
+from qfold.onnx.graph import (
     DQ,
     WEIGHTED,
     GraphIndex,
@@ -30,12 +30,12 @@ from qfold._onnx_graph import (
     replace_initializer,
     set_attr,
 )
-from qfold.onnx_ort_render import (
+from qfold.onnx.ort_render import (
     OrtRendering,
     render_for_ort,
     tensors_needing_amax_for_ort,
 )
-from qfold.onnx_trt_rules import Violation, check_trt_rules
+from qfold.onnx.trt_rules import Violation, check_trt_rules
 
 __all__ = [
     "OrtRendering",

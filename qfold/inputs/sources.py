@@ -49,7 +49,7 @@ def load_model(spec: str, checkpoint: str | os.PathLike | None = None) -> nn.Mod
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"no ExportedProgram file at {path}")
-        from qfold.exported import from_exported_program
+        from qfold.capture.exported import from_exported_program
 
         try:
             program = torch.export.load(str(path))

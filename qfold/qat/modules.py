@@ -5,7 +5,7 @@ so that every helper that knows those (``quantization_disabled``, ``quant_layers
 they keep the user's layers (the same ``nn.Conv*``, ``nn.BatchNorm*`` objects, hence the same
 Parameters). All quantizer state is in buffers (or, for a learned ``amax``, a Parameter under the
 same ``state_dict`` key), so ``state_dict`` resumes a run and DDP broadcasts it. Formulas:
-:mod:`qfold.qat_math`.
+:mod:`qfold.qat.formulas`.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from calib.spec import scale_from_amax_torch
-from qfold import qat_math
+from qfold.qat import formulas as qat_math
 from qfold.quant.modules import QMAX, QMIN, ActQuant, QuantLayer
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -80,7 +80,7 @@ class QuantConvBn(QuantLayer):
     that is fake-quantized per channel is ``W * gamma / sqrt(running_var + eps)``. In training mode
     with ``bn_frozen`` False the output is corrected to batch statistics and the running statistics
     are updated as ``nn.BatchNorm`` would (momentum, or the cumulative average when momentum is
-    None); otherwise it is exactly ``conv(x, fq(W')) + b'`` (see :mod:`qfold.qat_math`). This module's
+    None); otherwise it is exactly ``conv(x, fq(W')) + b'`` (see :mod:`qfold.qat.formulas`). This module's
     own mode decides, not ``bn.training``; ``bn`` is never called as a module.
 
     Buffers: ``weight_amax`` (per output channel), ``enabled``, ``frozen`` (weight amax),
@@ -153,7 +153,7 @@ class QATActQuant(ActQuant):
 
     * ``learn=False``: ``amax <- (1 - momentum) * amax + momentum * max|x|`` per training batch
       (momentum 0 keeps the calibrated amax), gradient to ``x`` only;
-    * ``learn=True``: ``amax`` is an ``nn.Parameter`` trained by LSQ (:func:`qfold.qat_math.lsq_fake_quant`).
+    * ``learn=True``: ``amax`` is an ``nn.Parameter`` trained by LSQ (:func:`qfold.qat.formulas.lsq_fake_quant`).
 
     Eval mode (and frozen) uses the stored amax as PTQ's :class:`ActQuant` does.
     """

@@ -16,9 +16,14 @@ import torch.fx as fx
 
 import calib
 from calib.auto import AutoChoice, auto_amax
-from qfold import metrics
 from qfold.quant.plan import QuantPlan
-from qfold.quant.prepare import act_quantizers, quant_layers, quantization_disabled, quantizer_name
+from qfold.quant.prepare import (
+    act_quantizers,
+    quant_layers,
+    quantization_disabled,
+    quantizer_name,
+)
+from qfold.report import metrics as metrics
 
 GUARD_SAMPLES = 256
 GUARD_MARGIN_DB = 0.05  # the per-tensor choice must beat max by this much on the calibration inputs

@@ -13,7 +13,7 @@ rule                          meaning
                               scale length must match
 ``zero-point``                every Q/DQ has an explicit int8 zero point that is all zeros
 ``scale``                     every scale is a constant, finite, strictly positive float32, float16
-                              or bfloat16 (the FP16-fallback graph of :mod:`qfold.fp16` has float16
+                              or bfloat16 (the FP16-fallback graph of :mod:`qfold.onnx.fp16` has float16
                               scales); a float16/bfloat16 scale of a Q of a constant has the
                               constant's type
 ``per-tensor-activation``     activation (non-constant) Q/DQ have one scale
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from qfold._onnx_graph import COMMUTING, DQ, WEIGHTED, GraphIndex, Q, attr
+from qfold.onnx.graph import COMMUTING, DQ, WEIGHTED, GraphIndex, Q, attr
 
 _EPILOGUE_PRODUCERS = ("Conv", "ConvTranspose", "BatchNormalization")
 _EPILOGUE_CONSUMERS = ("BatchNormalization", "Relu", "Clip")
@@ -98,7 +98,7 @@ def _check_qdq_params(idx: GraphIndex, node: onnx.NodeProto, out: list[Violation
     scale = idx.array(node.input[1]) if len(node.input) > 1 else None
     if scale is None:
         out.append(Violation("scale", n, f"{node.op_type} '{n}' has no constant scale; fold the scale "
-                                          "computation into an initializer (qfold.onnx_qdq.normalize_qdq)."))
+                                          "computation into an initializer (qfold.onnx.qdq.normalize_qdq)."))
     elif str(scale.dtype) not in _SCALE_DTYPES or not np.all(np.isfinite(scale.astype(np.float32))) \
             or np.any(scale.astype(np.float32) <= 0):
         out.append(Violation("scale", n, f"{node.op_type} '{n}' scale must be finite, > 0 and one of "
@@ -228,7 +228,7 @@ def check_trt_rules(model: onnx.ModelProto, float_layers: Collection[str] = ()) 
     """Every TensorRT explicit-quantization rule the model breaks, in graph order (empty when clean).
 
     Args:
-        model: a Q/DQ model, ideally after :func:`qfold.onnx_qdq.normalize_qdq`.
+        model: a Q/DQ model, ideally after :func:`qfold.onnx.qdq.normalize_qdq`.
         float_layers: node names of weighted layers deliberately kept in float.
     """
     idx = GraphIndex.build(model.graph)

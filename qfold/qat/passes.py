@@ -8,8 +8,8 @@
     qfold.qat.export(qmodel, "model.onnx", example_input)
 
 ``prepare`` traces the model and rewrites a graph around the **same** layer objects: Conv+BN pairs
-become :class:`~qfold.qat_modules.QuantConvBn` (fold simulated, batch statistics with Jacob et al.'s
-correction until frozen), other Conv/Linear layers :class:`~qfold.qat_modules.QATQuantLayer`, and
+become :class:`~qfold.qat.modules.QuantConvBn` (fold simulated, batch statistics with Jacob et al.'s
+correction until frozen), other Conv/Linear layers :class:`~qfold.qat.modules.QATQuantLayer`, and
 activation quantizers go exactly where the PTQ plan (:func:`qfold.quant.plan_quantization`) and
 therefore the Q/DQ export put them. The Parameters (and BatchNorm buffers) are shared with the
 model you pass, so an optimizer built on it before ``prepare`` keeps training them; the model's
@@ -27,15 +27,21 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
-from qfold import fold_math
-from qfold.graph import set_module, trace
-from qfold.keep_attrs import keep_interface
-from qfold.qat_modules import ConvBn, QATActQuant, QATQuantLayer, QuantConvBn, can_pair
+from qfold.bound.passes import rewrite_to_relu6
+from qfold.capture import trace
+from qfold.capture.keep_attrs import keep_interface
+from qfold.fold import formulas as fold_math
+from qfold.fx import call_counts, relu_site, set_module
+from qfold.qat.modules import ConvBn, QATActQuant, QATQuantLayer, QuantConvBn, can_pair
 from qfold.quant.modules import ActQuant, QuantLayer
 from qfold.quant.plan import plan_quantization
-from qfold.quant.prepare import PREFIX, act_quantizers, prepare_fake_quant, quantization_disabled
+from qfold.quant.prepare import (
+    PREFIX,
+    act_quantizers,
+    prepare_fake_quant,
+    quantization_disabled,
+)
 
 __all__ = ["QATConfig", "amax_parameters", "convert", "export", "prepare", "step"]
 
@@ -121,26 +127,14 @@ def _share_layers(model: nn.Module) -> fx.GraphModule:
     return keep_interface(fx.GraphModule(model, copy.deepcopy(traced.graph), class_name=traced.__class__.__name__), model)
 
 
-_RELU_FUNCS = {F.relu, torch.relu}
-
-
 def _swap_relu6(gm: fx.GraphModule) -> None:
-    """Literal ReLU -> ReLU6 on the graph (modules replaced in the GraphModule's own containers)."""
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.ReLU:
-            set_module(gm, node.target, nn.ReLU6(inplace=gm.get_submodule(node.target).inplace))
-        elif node.op == "call_function" and node.target in _RELU_FUNCS:
-            node.target = F.relu6
-        elif node.op == "call_method" and node.target in ("relu", "relu_"):
-            node.op, node.target = "call_function", F.relu6
+    """Literal ReLU -> ReLU6 at every ReLU site (:func:`qfold.fx.relu_site`), as the bound's ``swap`` mode does."""
+    rewrite_to_relu6(gm, {n.name: inplace for n in gm.graph.nodes if (inplace := relu_site(gm, n)) is not None})
 
 
 def _pair_conv_bn(gm: fx.GraphModule) -> None:
     """Replace each ``conv -> bn`` (conv read only by bn, each module called once) by a ConvBn node."""
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = call_counts(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or calls[node.target] != 1 or len(node.args) != 1:
             continue
@@ -226,7 +220,7 @@ def prepare(model: nn.Module, calib_data: Any = None, *, config: QATConfig = QAT
 
     Raises:
         ValueError: ``model`` is already QAT/PTQ prepared, or in eval mode.
-        qfold.graph.UntraceableModelError: torch.fx cannot trace it.
+        qfold.fx.UntraceableModelError: torch.fx cannot trace it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"qat.prepare expects an nn.Module, got {type(model).__name__}")
@@ -329,7 +323,7 @@ def convert(model: nn.Module) -> fx.GraphModule:
     """The deployable fake-quant model: BN folded into the conv weights, learned amax kept.
 
     Same structure as PTQ's prepared model (``QuantLayer`` + ``ActQuant`` at the plan's places), in
-    eval mode, independent of ``model`` (a copy), so ``qfold.export.export_onnx`` and the engines run
+    eval mode, independent of ``model`` (a copy), so ``qfold.onnx.export.export_onnx`` and the engines run
     it; its output equals the QAT model's in eval mode.
 
     Raises:
@@ -383,39 +377,13 @@ def convert(model: nn.Module) -> fx.GraphModule:
 def export(model: nn.Module, path: str | Path, example_input: torch.Tensor, export_config: Any = None) -> Path:
     """``convert`` the QAT model and write its Q/DQ ONNX to ``path`` (atomic, deterministic).
 
-    Goes through the same export as PTQ (``qfold.export.export_onnx``); ``export_config`` is its
+    Goes through the same export as PTQ (``qfold.onnx.export.export_onnx``); ``export_config`` is its
     ``ExportConfig`` (None: the defaults).
     """
     converted = convert(model)
-    from qfold import export as qexport
+    from qfold.onnx import export as qexport
 
     if export_config is None:
         export_config = qexport.ExportConfig()
     qexport.export_onnx(converted, example_input, path, export_config)
     return Path(path)
-
-
-def _lightning_callback() -> type | None:
-    try:
-        import lightning.pytorch as pl
-    except ImportError:
-        try:
-            import pytorch_lightning as pl  # type: ignore[no-redef]
-        except ImportError:
-            return None
-
-    class QATCallback(pl.Callback):
-        """PyTorch Lightning callback: :func:`step` after every training batch."""
-
-        def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, *args: Any, **kwargs: Any) -> None:
-            step(pl_module)
-
-    return QATCallback
-
-
-_cb = _lightning_callback()
-if _cb is not None:
-    QATCallback = _cb
-    __all__.append("QATCallback")
-del _cb
-

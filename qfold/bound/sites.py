@@ -11,7 +11,6 @@ Applying the plan (statistics, rescale, rewrite, report) stays in :mod:`qfold.bo
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -20,11 +19,12 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qfold.errors import BoundError
+from qfold.fx import describe, is_add, module_of, relu_site
+
 __all__ = ["BoundError"]
 
 
-_RELU_FUNCS = (F.relu, torch.relu, torch.relu_, F.relu_)
-_INPLACE_FUNCS = (torch.relu_, F.relu_)
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _TRANSPARENT_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -36,30 +36,19 @@ _TRANSPARENT_MODULES = (
 )  # fmt: skip
 _TRANSPARENT_FUNCS = (
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, torch.avg_pool1d,
-    torch._C._nn.avg_pool2d, torch._C._nn.avg_pool3d,
+    F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.interpolate, torch.clone,
 )  # fmt: skip
 _TRANSPARENT_METHODS = ("contiguous", "clone", "detach")
 _REDUCE = ((torch.mean, torch.sum, torch.amax), ("mean", "sum", "amax"))
-_ADD = ((operator.add, operator.iadd, torch.add), ("add", "add_"))
 _FLATTEN = ((torch.flatten, torch.reshape), ("flatten", "view", "reshape"))
 _CAT = (torch.cat, torch.concat, torch.concatenate)
 _SHAPE_METHODS = ("size", "dim")
 
 
-class BoundError(ValueError):
-    """``bound_relu`` cannot run as asked; the message names the cause and the fix."""
-
-    __module__ = "qfold.bound"  # defined here to avoid an import cycle; public home is qfold.bound
-
-
 # ---------------------------------------------------------------- graph classification
-
-
-def _fn_name(t: object) -> str:
-    return f"{getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', str(t))}".lstrip(".")
 
 
 def _data(n: fx.Node) -> fx.Node:
@@ -67,25 +56,9 @@ def _data(n: fx.Node) -> fx.Node:
     return n.args[0] if n.args else n.kwargs["input"]
 
 
-def _module(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
-    return gm.get_submodule(n.target) if n.op == "call_module" else None
-
-
-def _relu_site(gm: fx.GraphModule, n: fx.Node) -> bool | None:
-    """None if ``n`` is not a ReLU; else whether it runs in place."""
-    m = _module(gm, n)
-    if m is not None:
-        return m.inplace if type(m) is nn.ReLU else None
-    if n.op == "call_function" and n.target in _RELU_FUNCS:
-        return n.target in _INPLACE_FUNCS or bool(n.kwargs.get("inplace", False))
-    if n.op == "call_method" and n.target in ("relu", "relu_"):
-        return n.target == "relu_"
-    return None
-
-
 def _bounded_site(gm: fx.GraphModule, n: fx.Node) -> bool | None:
     """None if ``n`` is not already a ReLU6 / hardtanh(0, 6); else whether it runs in place."""
-    m = _module(gm, n)
+    m = module_of(gm, n)
     if m is not None:
         return m.inplace if isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (0.0, 6.0) else None
     if n.op != "call_function":
@@ -110,8 +83,8 @@ def _kind(gm: fx.GraphModule, n: fx.Node, shapes: dict[str, tuple | None]) -> st
     ins = [a for a in n.all_input_nodes]
     in0 = shapes.get(n.args[0].name) if n.args and isinstance(n.args[0], fx.Node) else None
     keeps_c = shp is not None and in0 is not None and len(shp) == len(in0) >= 2 and shp[1] == in0[1]
-    m = _module(gm, n)
-    if _relu_site(gm, n) is not None:
+    m = module_of(gm, n)
+    if relu_site(gm, n) is not None:
         return "site"
     if isinstance(m, nn.modules.batchnorm._BatchNorm) or (n.op == "call_function" and n.target is F.batch_norm):
         return "bn"
@@ -134,7 +107,7 @@ def _kind(gm: fx.GraphModule, n: fx.Node, shapes: dict[str, tuple | None]) -> st
         if isinstance(dims, (tuple, list)) and all(isinstance(d, int) and d % len(in0) not in (0, 1) for d in dims):
             return "transparent"
         return "other"
-    if _is(n, _ADD) and len(n.args) == 2 and not n.kwargs and len(ins) == 2 and all(isinstance(a, fx.Node) for a in n.args):
+    if is_add(n) and len(n.args) == 2 and not n.kwargs and len(ins) == 2 and all(isinstance(a, fx.Node) for a in n.args):
         cs = [shapes.get(a.name) for a in n.args] + [shp]
         ok = all(c is not None and len(c) >= 2 and c[1] == shp[1] for c in cs)
         return "add" if ok else "other"
@@ -146,16 +119,6 @@ def _kind(gm: fx.GraphModule, n: fx.Node, shapes: dict[str, tuple | None]) -> st
         dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
         return "cat" if shp is not None and len(shp) >= 2 and dim % len(shp) == 1 else "other"
     return "other"
-
-
-def _describe(gm: fx.GraphModule, n: fx.Node) -> str:
-    if n.op == "call_module":
-        return f"'{n.target}' ({type(_module(gm, n)).__name__})"
-    if n.op == "call_function":
-        return f"{_fn_name(n.target)}"
-    if n.op == "call_method":
-        return f"Tensor.{n.target}"
-    return {"placeholder": f"model input '{n.target}'", "output": "the model output", "get_attr": f"constant '{n.target}'"}.get(n.op, n.op)
 
 
 class _UnionFind:
@@ -222,7 +185,7 @@ def _plan(gm: fx.GraphModule, shapes: dict[str, tuple | None], sites: list[str])
         src = _data(bn)
         if isinstance(src, fx.Node) and kinds[src.name] == "layer" and len(src.users) == 1 and calls[src.target] == 1:
             raise BoundError(
-                f"BatchNorm {_describe(gm, bn)} (after '{src.target}') is still unfolded next to the ReLU group of "
+                f"BatchNorm {describe(gm, bn)} (after '{src.target}') is still unfolded next to the ReLU group of "
                 f"'{n.name}'; the rescale needs it folded into '{src.target}'. Run qfold.fold_batchnorm(model) before bound_relu."
             )
 
@@ -240,20 +203,20 @@ def _plan(gm: fx.GraphModule, shapes: dict[str, tuple | None], sites: list[str])
             expr[name] = [(g, torch.arange(shp[1]))]
             if k == "bn":  # an unfoldable BN (after a concat, say) absorbs s in gamma and beta
                 check_fold(n, n)
-                m = _module(gm, n)
+                m = module_of(gm, n)
                 if m is None or not m.affine or calls[n.target] > 1:
-                    fail([g], f"BatchNorm {_describe(gm, n)} has no per-call affine parameters to absorb the scale")
+                    fail([g], f"BatchNorm {describe(gm, n)} has no per-call affine parameters to absorb the scale")
                 else:
                     producers[g].append(n.target)
             elif k == "layer":
-                m = _module(gm, n)
+                m = module_of(gm, n)
                 if calls[n.target] > 1:
                     fail([g], f"module '{n.target}' is called {calls[n.target]} times, so its weights cannot be rescaled for one call")
                 elif isinstance(m, nn.Linear) and len(shp) != 2:
                     fail([g], f"Linear '{n.target}' output is not 2-D (channel axis is not 1)")
                 producers[g].append(n.target)
             elif k not in ("site", "transparent", "add"):
-                fail([g], f"'{name}' is computed by {_describe(gm, n)}, which cannot absorb a per-channel scale")
+                fail([g], f"'{name}' is computed by {describe(gm, n)}, which cannot absorb a per-channel scale")
         elif k == "transparent" and n.args[0].name in expr:
             expr[name] = expr[n.args[0].name]
         elif k == "flatten" and n.args[0].name in expr:
@@ -279,7 +242,7 @@ def _plan(gm: fx.GraphModule, shapes: dict[str, tuple | None], sites: list[str])
             if ku == "bn" and gids:  # BN(s*x) != BN(x) because of eps: not absorbable
                 check_fold(u, n)
             if ku == "layer" and u.args[0] is n and n not in list(u.args[1:]) + list(u.kwargs.values()):
-                m, shp = _module(gm, u), shapes[n.name]
+                m, shp = module_of(gm, u), shapes[n.name]
                 c_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels
                 if calls[u.target] > 1:
                     fail(gids, f"module '{u.target}' is called {calls[u.target]} times, so its weights cannot be rescaled for one call")
@@ -290,7 +253,7 @@ def _plan(gm: fx.GraphModule, shapes: dict[str, tuple | None], sites: list[str])
                 else:
                     consumers[u.target] = expr[n.name]
                 continue
-            fail(gids, f"'{n.name}' is read by {_describe(gm, u)}, which cannot absorb the inverse scale")
+            fail(gids, f"'{n.name}' is read by {describe(gm, u)}, which cannot absorb the inverse scale")
     for g in range(len(groups)):
         groups[g].producers = tuple(producers[g])
     return groups, group_of, consumers

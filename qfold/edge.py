@@ -23,7 +23,7 @@ import torch
 
 from calib.atomic import atomic_write_text
 from qfold import config as cfgmod
-from qfold import sources
+from qfold.inputs import sources as sources
 
 SECTIONS_OWN = ("model", "data", "output")
 #: The keys of the build file's own sections and their types (a typo is an error, not a silent default).
@@ -129,9 +129,9 @@ def run_build(path: str | Path, out_dir: str | Path | None = None) -> dict[str, 
         qfold.pipeline.QualityGateError: the accuracy budget is exceeded (after every artifact and
             the manifest, which records the excess, are written).
     """
+    from qfold.errors import QualityGateError
+    from qfold.inputs.validate import check_model_and_data
     from qfold.outdir import check_out_dir, owned
-    from qfold.pipeline import QualityGateError
-    from qfold.validate import check_model_and_data
 
     spec = load_build_spec(path)
     out = check_out_dir(spec.out_dir if out_dir is None else Path(out_dir), "output folder")
@@ -149,7 +149,8 @@ def run_build(path: str | Path, out_dir: str | Path | None = None) -> dict[str, 
 def _build_into(spec: BuildSpec, model: torch.nn.Module, cx: torch.Tensor, ex: torch.Tensor | None, ey: torch.Tensor | None,
                 out: Path) -> tuple[dict[str, Any], Any]:
     """Run the pipeline into the staging folder ``out`` and write the manifest of exactly its files."""
-    from qfold.pipeline import QualityGateError, run_ptq
+    from qfold.errors import QualityGateError
+    from qfold.pipeline import run_ptq
 
     atomic_write_text(out / "config.toml", cfgmod.to_toml(spec.config))
     failure: QualityGateError | None = None

@@ -20,7 +20,7 @@ Pure ``onnx.ModelProto -> onnx.ModelProto`` passes (no I/O, no inference). Why e
    Transpose, Concat of equal scales...): exact, and it lets ORT run those ops on uint8.
 5. Weighted layers ORT will not fuse (ConvTranspose, convs left float) get their weight DQ folded
    into a float32 initializer (``(q - zp) * s``, what the DQ computes) so no DQ runs per inference.
-6. The CPU target (:mod:`qfold.onnx_ort_target`): x86 without VNNI saturates ORT's u8 x s8 kernels, so
+6. The CPU target (:mod:`qfold.onnx.ort_target`): x86 without VNNI saturates ORT's u8 x s8 kernels, so
    the ``portable`` target stores weights as uint8 ``w + 128`` / zero point 128 (bit-identical, exact
    u8 x u8 kernels); ``vnni`` and ``arm64`` keep int8 weights (the fast kernels, exact there).
 """
@@ -33,7 +33,8 @@ import numpy as np
 import onnx
 
 from calib.spec import scale_from_amax
-from qfold._onnx_graph import (
+from qfold.engine.cpu import resolve_target
+from qfold.onnx.graph import (
     ACTIVATIONS,
     COMMUTING,
     DQ,
@@ -45,8 +46,7 @@ from qfold._onnx_graph import (
     replace_initializer,
     unique_name,
 )
-from qfold.engine.cpu import resolve_target
-from qfold.onnx_ort_target import render_weights_for_target
+from qfold.onnx.ort_target import render_weights_for_target
 
 
 @dataclass(frozen=True)
@@ -361,7 +361,7 @@ def render_for_ort(model: onnx.ModelProto, extra_amax: Mapping[str, float] | Non
     """The ONNX Runtime rendering of a normalized TensorRT-profile Q/DQ model (a new model).
 
     Args:
-        model: output of :func:`qfold.onnx_qdq.normalize_qdq`.
+        model: output of :func:`qfold.onnx.qdq.normalize_qdq`.
         extra_amax: amax per tensor named by :func:`tensors_needing_amax_for_ort`; tensors without
             one stay float (their conv/Add then runs in float, correct but slower).
         rendering: which steps to apply (ablations); the default applies all.
@@ -394,7 +394,9 @@ def render_for_ort(model: onnx.ModelProto, extra_amax: Mapping[str, float] | Non
     _bias_to_int32_and_fold_unfused(m, taken, rendering)
     remove_dead(m)
     if target == "auto":
-        from qfold.engine.ort_cpu import detect_cpu  # the one impure input: the CPU this runs on
+        from qfold.engine.ort_cpu import (
+            detect_cpu,  # the one impure input: the CPU this runs on
+        )
 
         target = resolve_target(target, detect_cpu())
     return render_weights_for_target(m, resolve_target(target))

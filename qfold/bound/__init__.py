@@ -1,0 +1,10 @@
+"""Step 2: bound activations, ReLU -> ReLU6, by default without changing the function.
+
+- :mod:`qfold.bound.formulas`: per-channel statistics and the rescale arithmetic (pure torch).
+- :mod:`qfold.bound.sites`: which ReLUs can be bounded and which layers rescale with them.
+- :mod:`qfold.bound.passes`: the pass, :func:`bound_relu`, and its report.
+"""
+from qfold.bound.passes import BoundConfig, BoundReport, SiteReport, bound_relu
+from qfold.errors import BoundError
+
+__all__ = ["BoundConfig", "BoundError", "BoundReport", "SiteReport", "bound_relu"]
