@@ -218,29 +218,30 @@ def cmd_bound(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) 
 
 
 def _export_float(model: torch.nn.Module, example: torch.Tensor, run: outdir.Run, name: str, cfg: cfgmod.PTQConfig) -> None:
-    from qfold.onnx.export import ExportConfig, export_onnx
+    from qfold.onnx import export_onnx
 
-    export_onnx(model, example, run.path / name, ExportConfig(opset=cfg.export.opset, exporter=cfg.export.exporter))
+    export_onnx(model, example, run.path / name, cfg.export)
     print(f"wrote {run.out / name}")
 
 
 def _calibrated(args: argparse.Namespace, cfg: cfgmod.PTQConfig):
-    """Fold, bound and calibrate as the arguments say: ``(model, calib_x, fake-quant model, calib result)``."""
+    """Fold, bound and calibrate as the arguments say: ``(model, calib_x, fake-quant model, plan, calib result)``."""
     from qfold import pipeline as pl
 
     model, calib_x, _, _ = _load(args, cfg)
     folded, _ = pl.fold_stage(model, cfg, calib_x[:2])
     bounded, _ = pl.bound_stage(folded, calib_x, cfg)
-    fq, _, cres = pl.calibrate_stage(bounded, calib_x, cfg)
-    return model, calib_x, fq, cres
+    fq, plan, cres = pl.calibrate_stage(bounded, calib_x, cfg)
+    return model, calib_x, fq, plan, cres
 
 
 def cmd_calibrate(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -> int:
-    from qfold import pipeline as pl
+    from qfold.quant.calibrate import calibration_table
+    from qfold.quant.prepare import act_quantizers
 
-    model, calib_x, fq, cres = _calibrated(args, cfg)
-    amax = {k: float(q.amax) for k, q in pl.act_quantizers(fq).items()}
-    pl.calibration_table(fq, cres, amax, calib_x, model).save_json(run.path / "calibration.json")
+    model, calib_x, fq, _, cres = _calibrated(args, cfg)
+    amax = {k: float(q.amax) for k, q in act_quantizers(fq).items()}
+    calibration_table(fq, cres, amax, calib_x, model).save_json(run.path / "calibration.json")
     for k, v in amax.items():
         print(f"{k:40s} amax {v:.6g}")
     print(f"wrote {run.out / 'calibration.json'} ({calib_x.shape[0]} samples)")
@@ -250,8 +251,8 @@ def cmd_calibrate(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.R
 def cmd_export(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -> int:
     from qfold import pipeline as pl
 
-    _, calib_x, fq, _ = _calibrated(args, cfg)
-    path, violations = pl.export_stage(fq, calib_x[:1], run.path, cfg)
+    _, calib_x, fq, plan, _ = _calibrated(args, cfg)
+    path, violations = pl.export_stage(fq, calib_x[:1], run.path, cfg, layers=plan.precision_map())
     for v in violations:
         print(f"TensorRT rule: {v}", file=sys.stderr)
     print(f"wrote {run.final(path)}")
@@ -296,7 +297,6 @@ def cmd_eval(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -
     import numpy as np
 
     from qfold.engine import get_backend
-    from qfold.engine.base import EngineConfig
     from qfold.report import stages as ev
 
     engine_path = Path(args.engine)
@@ -305,8 +305,7 @@ def cmd_eval(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -
     model, calib_x, eval_x, eval_y = _load(args, cfg)
     x = calib_x if eval_x is None else eval_x
     backend = get_backend(cfg.engine.backend)
-    engine = backend.load(engine_path, EngineConfig(backend=cfg.engine.backend, device=cfg.engine.device,
-                                                         cpu_target=cfg.engine.cpu_target))
+    engine = backend.load(engine_path, cfg.engine)
     bs = cfg.eval.batch_size
     ref = ev.run_logits(model, x, bs, cfg.progress, "FP32")
     report = ev.AccuracyReport(reference=ev.reference_metrics(ref, eval_y))
@@ -315,8 +314,8 @@ def cmd_eval(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -
     report.save(run.path, stem="engine_accuracy")
     print(report.to_markdown())
     if hasattr(engine, "check"):  # ONNX Runtime: the build's self-check, on this CPU
+        from qfold.engine.ort import SELF_CHECK_SAMPLES
         from qfold.inputs.sources import batches
-        from qfold.pipeline import SELF_CHECK_SAMPLES
 
         check = engine.check(b.numpy() for b in batches(calib_x[:SELF_CHECK_SAMPLES], cfg.calib.batch_size))
         _write_json(run.path / "engine_check.json", check.to_dict())

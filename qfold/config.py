@@ -1,7 +1,10 @@
-"""Pipeline configuration: frozen dataclasses, one per step, loadable from and dumpable to TOML.
+"""Configuration: one frozen dataclass per step, used alike by the Python API, the CLI, TOML and QAT.
 
 Every field has a default, so ``PTQConfig()`` is a complete, sensible configuration; a TOML file
-(or CLI flags) override fields section by section. Unknown sections or keys are errors.
+(or CLI flags) override fields section by section. Unknown sections or keys are errors. The step
+functions take their own section (``bound_relu(..., config=BoundConfig())``,
+``export_onnx(..., config=ExportConfig())``, ``backend.build(..., config=EngineConfig())``), and
+the lists of allowed values are defined here once.
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from typing import Any
 
 import tomllib
 
-CALIB_METHODS = ("max", "percentile", "entropy", "mse", "auto")
+from calib.method import METHODS as CALIB_METHODS
+
 BOUND_MODES = ("preserve", "swap", "off")
 BACKENDS = ("onnxruntime", "tensorrt")
 CPU_TARGETS = ("auto", "vnni", "portable", "arm64")  # qfold.engine.cpu.TARGET_CHOICES (docs/cpu-int8-targets.md)
@@ -20,39 +24,63 @@ EXPORTERS = ("torchscript", "dynamo")
 #: Opsets the exporters can write (Q/DQ per-channel needs >= 13; the TorchScript exporter stops at 20).
 OPSET_RANGE = {"torchscript": (13, 20), "dynamo": (18, 23)}
 FALLBACK_MODES = ("off", "auto")
+#: the bound's quantile: the cap of 6 maps to this per-channel quantile of the pre-activation.
+QUANTILE_RANGE = "(0.5, 1]"
+
+__all__ = [
+    "BoundConfig", "CalibConfig", "EngineConfig", "EvalConfig", "ExportConfig", "FoldConfig", "PTQConfig",
+    "from_dict", "load_config", "read_toml", "to_toml",
+]
 
 
 @dataclass(frozen=True)
-class FoldSection:
-    """Step 1: structural re-parameterization, then BatchNorm folding."""
+class FoldConfig:
+    """Step 1: structural re-parameterization, then BatchNorm folding (``strict``: a BN left is an error)."""
 
     reparameterize: bool = True
     strict: bool = False
 
 
 @dataclass(frozen=True)
-class BoundSection:
-    """Step 2: ReLU -> ReLU6 ("preserve" rescales so the function is kept, "swap" is literal)."""
+class BoundConfig:
+    """Step 2: ReLU -> ReLU6 (:func:`qfold.bound.bound_relu`).
+
+    Attributes:
+        mode: "preserve" (rescale so the function is kept; needs calibration data), "swap"
+            (literal ReLU -> ReLU6) or "off" (the pipeline skips the step).
+        quantile: per-channel quantile of the pre-activation that the cap of 6 is mapped to, in (0.5, 1].
+        bins: histogram bins per channel for the streaming quantile (a power of two).
+        max_scale: upper bound of a channel scale (guards nearly dead channels).
+
+    The bound reads the calibration data in ``calib.batch_size`` batches.
+    """
 
     mode: str = "preserve"
     quantile: float = 0.9999
+    bins: int = 2048
+    max_scale: float = 1e6
 
     def __post_init__(self) -> None:
         if self.mode not in BOUND_MODES:
             raise ValueError(f"bound.mode must be one of {BOUND_MODES}, got {self.mode!r}")
         if not 0.5 < self.quantile <= 1.0:
-            raise ValueError(f"bound.quantile must be in (0.5, 1], got {self.quantile}")
+            raise ValueError(f"bound.quantile must be in {QUANTILE_RANGE}, got {self.quantile}")
+        if self.bins < 2 or self.bins & (self.bins - 1):
+            raise ValueError(f"bound.bins must be a power of two >= 2, got {self.bins}")
+        if not self.max_scale >= 1.0:
+            raise ValueError(f"bound.max_scale must be >= 1, got {self.max_scale}")
 
 
 @dataclass(frozen=True)
-class CalibSection:
+class CalibConfig:
     """Step 3: activation calibration (weights are always per-channel max).
 
     The default is ``max``: after the function-preserving ReLU6 bound every post-activation tensor
     is capped at a high per-channel quantile, which is what makes max calibration outlier-free
     (measured best or equal on every reference model, BENCHMARKS.md). ``entropy`` (TensorRT's
     KL search) collapses on activations with large spikes, such as those a constant image
-    background produces; with ``bound.mode = "off"`` prefer ``percentile`` or ``mse``.
+    background produces; with ``bound.mode = "off"`` prefer ``percentile`` or ``mse``. ``auto``
+    chooses per tensor (:mod:`calib.auto`).
     """
 
     method: str = "max"
@@ -75,12 +103,28 @@ class CalibSection:
 
 
 @dataclass(frozen=True)
-class ExportSection:
-    """Step 4: Q/DQ ONNX export; ``keep_float`` patterns keep layers in float."""
+class ExportConfig:
+    """Step 4: the Q/DQ ONNX export (:func:`qfold.onnx.export_onnx`).
+
+    Attributes:
+        opset: default-domain opset, >= 13 (per-channel Q/DQ needs ``axis``), within the
+            exporter's range (:data:`OPSET_RANGE`).
+        keep_float: patterns of layers kept in float (the quantization plan leaves them out).
+        exporter: "torchscript" (the legacy ``dynamo=False`` exporter: deterministic, exports
+            fake-quant ops as Q/DQ) or "dynamo" (``torch.export``-based).
+        dynamic_batch: make dimension 0 of every input and output symbolic (``batch``).
+        input_names, output_names: ONNX graph I/O names.
+        normalize: put Q/DQ in TensorRT's form (:func:`qfold.onnx.qdq.normalize_qdq`) and write the
+            per-layer precision map ``<stem>.precision.json`` next to the model.
+    """
 
     opset: int = 17
     keep_float: tuple[str, ...] = ()
     exporter: str = "torchscript"
+    dynamic_batch: bool = True
+    input_names: tuple[str, ...] = ("input",)
+    output_names: tuple[str, ...] = ("output",)
+    normalize: bool = True
 
     def __post_init__(self) -> None:
         if self.exporter not in EXPORTERS:
@@ -90,17 +134,37 @@ class ExportSection:
             raise ValueError(f"export.opset must be >= 13 (per-channel Q/DQ needs the axis attribute), got {self.opset}")
         if not lo <= self.opset <= hi:
             raise ValueError(f"export.opset must be in {lo}..{hi} for the {self.exporter} exporter, got {self.opset}")
-        object.__setattr__(self, "keep_float", tuple(self.keep_float))
+        for name in ("keep_float", "input_names", "output_names"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
 
 @dataclass(frozen=True)
-class EngineSection:
-    """Step 5: the engine backend; ``cpu_target`` is the ONNX Runtime CPU rendering (``auto``: this CPU)."""
+class EngineConfig:
+    """Step 5: how an engine is built and loaded (:mod:`qfold.engine`).
+
+    Attributes:
+        backend: "onnxruntime" (default, any CPU) or "tensorrt".
+        device: "cpu" or "cuda" (ONNX Runtime execution provider choice).
+        fp16_fallback: run unquantized layers in FP16 (TensorRT; converts the ONNX).
+        cpu_target: ONNX Runtime CPU rendering (:mod:`qfold.engine.cpu`). Building: ``auto`` (the
+            CPU building it), ``vnni``, ``portable`` or ``arm64``. Loading: ``auto`` runs the engine
+            exactly on this CPU (re-rendering in memory, with a warning, if it was built for
+            another class), ``portable`` always runs u8 x u8, ``vnni``/``arm64`` run the file as
+            rendered and refuse a CPU that would not compute it exactly.
+        intra_op_threads: 0 lets the runtime decide.
+        batch_min, batch_opt, batch_max: dynamic-batch optimization profile (TensorRT).
+        workspace_mib: TensorRT workspace memory-pool limit.
+    """
 
     backend: str = "onnxruntime"
     device: str = "cpu"
     fp16_fallback: bool = False
     cpu_target: str = "auto"
+    intra_op_threads: int = 0
+    batch_min: int = 1
+    batch_opt: int = 32
+    batch_max: int = 256
+    workspace_mib: int = 1024
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -110,7 +174,7 @@ class EngineSection:
 
 
 @dataclass(frozen=True)
-class EvalSection:
+class EvalConfig:
     """Step 6: evaluation; ``max_drop_pp`` fails the run when the engine's top-1 drop exceeds it.
 
     ``stage_samples`` (default: all) measures the ``folded`` and ``bounded`` stages and the
@@ -145,12 +209,12 @@ class EvalSection:
 class PTQConfig:
     """The whole post-training-quantization run."""
 
-    fold: FoldSection = field(default_factory=FoldSection)
-    bound: BoundSection = field(default_factory=BoundSection)
-    calib: CalibSection = field(default_factory=CalibSection)
-    export: ExportSection = field(default_factory=ExportSection)
-    engine: EngineSection = field(default_factory=EngineSection)
-    eval: EvalSection = field(default_factory=EvalSection)
+    fold: FoldConfig = field(default_factory=FoldConfig)
+    bound: BoundConfig = field(default_factory=BoundConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:

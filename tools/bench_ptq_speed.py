@@ -93,6 +93,9 @@ def worker(tool: str, model: str, n: int, n_eval: int, workdir: Path) -> dict:
     if tool == "qfold":
         from qfold import pipeline as pl
         from qfold.config import PTQConfig
+        from qfold.quant.calibrate import calibration_table
+        from qfold.quant.prepare import act_quantizers
+        from qfold.report.stages import evaluate_stages
 
         cfg = PTQConfig(progress=False).replace(eval={"plots": False})
         cx, ex = torch.from_numpy(calib), torch.from_numpy(ev)
@@ -103,15 +106,15 @@ def worker(tool: str, model: str, n: int, n_eval: int, workdir: Path) -> dict:
         t_bound = time.perf_counter()
         fq, plan, cres = pl.calibrate_stage(bounded, cx, cfg)
         t_cal = time.perf_counter()
-        amax = {k: float(q.amax) for k, q in pl.act_quantizers(fq).items()}
+        amax = {k: float(q.amax) for k, q in act_quantizers(fq).items()}
         r = pl.PTQResult(folded, bounded, fq, plan, amax, reports)
-        pl.calibration_table(fq, cres, amax, cx, net).save_json(out / "calibration.json")
+        calibration_table(fq, cres, amax, cx, net).save_json(out / "calibration.json")
         onnx_path, _ = pl.export_stage(fq, cx[:1], out, cfg)
         engine = pl.build_engine_stage(onnx_path, out, cfg, cx)
         t1 = time.perf_counter()
         res.update(calib_s=t1 - t0, fold_s=t_fold - t0, bound_s=t_bound - t_fold, calibrate_s=t_cal - t_bound,
                    export_build_s=t1 - t_cal, calib_peak_mib=_peak_mib())
-        acc = pl.evaluate_stages(net, r, engine, ex, None, cfg)
+        acc = evaluate_stages(net, r, engine, ex, None, cfg)
         res.update(report_s=time.perf_counter() - t1, peak_rss_mib=_peak_mib(), engine_sqnr_db=acc.stages["engine"].sqnr_db)
     elif tool.startswith("ort-"):
         import onnxruntime as ort

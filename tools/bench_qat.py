@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qfold import qat  # noqa: E402
+from qfold.config import CalibConfig
 from qfold.examples import load_data, load_model, normalize  # noqa: E402
 
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         freeze_bn_step=steps_per_epoch,
         freeze_amax_step=max(1, (3 * args.epochs * steps_per_epoch) // 4),
         learn_amax=args.learn_amax,
-        calib_method=args.calib_method,
+        calib=CalibConfig(method=args.calib_method),
         bound=args.bound,
     )
     fp32 = top1(load_model(args.model), xt, yt)

@@ -43,41 +43,10 @@ from qfold.bound.sites import (
     _plan,
 )
 from qfold.capture import trace
+from qfold.config import BoundConfig
 from qfold.errors import BoundError
 from qfold.fx import eval_mode, fn_name, relu_site, set_module
 from qfold.report.metrics import sqnr_db_from_energy
-
-MODES = ("preserve", "swap")
-
-
-@dataclass(frozen=True)
-class BoundConfig:
-    """How ``bound_relu`` bounds activations.
-
-    Attributes:
-        mode: "preserve" (rescale so the function is kept; needs calibration data) or "swap"
-            (literal ReLU -> ReLU6).
-        quantile: per-channel quantile of the pre-activation that the cap of 6 is mapped to.
-        bins: histogram bins per channel for the streaming quantile (a power of two).
-        max_scale: upper bound of a channel scale (guards nearly dead channels).
-        batch_size: rows per batch when ``calib_data`` is a single tensor.
-    """
-
-    mode: str = "preserve"
-    quantile: float = 0.9999
-    bins: int = 2048
-    max_scale: float = 1e6
-    batch_size: int = 256
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not 0.0 < self.quantile <= 1.0:
-            raise ValueError(f"quantile must be in (0, 1], got {self.quantile}")
-        if self.bins < 2 or self.bins & (self.bins - 1):
-            raise ValueError(f"bins must be a power of two >= 2, got {self.bins}")
-        if not self.max_scale >= 1.0 or self.batch_size < 1:
-            raise ValueError(f"need max_scale >= 1 and batch_size >= 1, got {self.max_scale}, {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -236,13 +205,14 @@ def bound_relu(
     mode: str = "preserve",
     quantile: float = 0.9999,
     config: BoundConfig | None = None,
+    batch_size: int = 256,
 ) -> tuple[fx.GraphModule, BoundReport]:
     """Replace every ReLU of ``model`` with ReLU6 and say what that cost.
 
     Args:
         model: an FP32 model, BatchNorms already folded (``qfold.fold_batchnorm``); not modified.
         calib_data: input batches (an iterable of tensors that can be read twice, or one tensor,
-            split into ``config.batch_size`` rows). Required for "preserve"; with "swap" it only
+            split into ``batch_size`` rows). Required for "preserve"; with "swap" it only
             feeds the report.
         mode, quantile: shorthands for ``BoundConfig(mode=..., quantile=...)``.
         config: the full configuration; do not combine with non-default ``mode``/``quantile``.
@@ -259,15 +229,17 @@ def bound_relu(
         config = BoundConfig(mode=mode, quantile=quantile)
     elif (mode, quantile) != ("preserve", 0.9999) and (mode, quantile) != (config.mode, config.quantile):
         raise BoundError("pass either config=BoundConfig(...) or mode/quantile, not both")
+    if config.mode == "off":
+        raise BoundError("mode='off' means no bound: use the model as it is (the pipeline skips this step), or pass mode='preserve' or 'swap'")
     if config.mode == "preserve" and calib_data is None:
         raise BoundError("mode='preserve' needs calib_data (a few hundred representative inputs) to place the caps; pass it, or use mode='swap' for the literal ReLU -> ReLU6 replacement")
-    first = next(iter(_batches(calib_data, config.batch_size)), None) if calib_data is not None else None
+    first = next(iter(_batches(calib_data, batch_size)), None) if calib_data is not None else None
     gm = trace(model, example_inputs=first)  # torch.export capture on the first batch if fx cannot trace
     graph_nodes = list(gm.graph.nodes)
     sites = {n.name: ip for n in graph_nodes if (ip := relu_site(gm, n)) is not None}
     bounded = {n.name: ip for n in graph_nodes if (ip := _bounded_site(gm, n)) is not None}
     target = {n.name: n.target if n.op == "call_module" else fn_name(n.target) for n in graph_nodes}
-    batches = (lambda: _batches(calib_data, config.batch_size)) if calib_data is not None else None
+    batches = (lambda: _batches(calib_data, batch_size)) if calib_data is not None else None
 
     scales: dict[int, torch.Tensor] = {}
     groups, group_of, consumers = [], {}, {}

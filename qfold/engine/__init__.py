@@ -19,7 +19,7 @@ from qfold.errors import BackendUnavailableError
 #: backend name -> "module:attribute" of a zero-argument factory (a Backend class).
 BACKENDS: dict[str, str] = {
     "onnxruntime": "qfold.engine.ort:OrtBackend",
-    "tensorrt": "qfold.engine.trt:TrtBackend",
+    "tensorrt": "qfold.engine.trt:TensorRTBackend",
 }
 
 

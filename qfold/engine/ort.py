@@ -17,18 +17,21 @@ it re-renders the engine in memory for ``portable`` (an exact pass) and warns; w
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from calib.atomic import atomic_write_bytes, atomic_write_text
-from qfold.engine.base import EngineConfig, EngineInfo
+from qfold.engine.base import (
+    EngineConfig,
+    EngineInfo,
+    read_engine,
+    sha256_bytes,
+    write_engine,
+)
 from qfold.engine.cpu import TARGET_CHOICES, CpuInfo, exact_on, resolve_target
 from qfold.engine.ort_check import CheckResult, compare
 from qfold.engine.ort_cpu import detect_cpu
@@ -37,6 +40,8 @@ from qfold.onnx.ort_target import int16_pair_sum_risks, weight_types, weights_to
 from qfold.onnx.qdq import OrtRendering, render_for_ort, tensors_needing_amax_for_ort
 
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+#: calibration rows the build self-check runs on (engine vs its portable twin, and vs the Q/DQ ONNX).
+SELF_CHECK_SAMPLES = 256
 
 
 def _ort():
@@ -210,19 +215,25 @@ class OrtBackend:
     """Backend "onnxruntime" (see :class:`qfold.engine.base.Backend`)."""
 
     name = "onnxruntime"
+    suffix = ".ort.onnx"
 
     def build(self, onnx_path: Path, engine_path: Path, config: EngineConfig | None = None,
+              data: Sequence[np.ndarray] | None = None, *,
               extra_amax: Mapping[str, float] | None = None,
               rendering: OrtRendering | None = None,
               check_data: Iterable[np.ndarray] | None = None) -> EngineInfo:
         """Render ``onnx_path`` for ORT and write ``engine_path`` + ``engine_path``.json atomically.
 
-        ``extra_amax``: amax for :func:`qfold.onnx.qdq.tensors_needing_amax_for_ort`; tensors
-        without one stay float and are listed in the metadata under ``extra.float_for_lack_of_amax``.
-        ``config.cpu_target`` picks the CPU rendering (``auto``: this CPU's class).
-        ``check_data``: a few calibration batches; the engine, run on this CPU as ``load`` runs it,
-        must match its portable twin (:meth:`OrtEngine.check`), else :class:`EngineCheckError` and
-        nothing is written; its deviation from the Q/DQ ONNX (fake-quant) is recorded and warned.
+        ``data``: calibration batches. The tensors the ORT rendering quantizes beyond the TensorRT
+        profile (:func:`qfold.onnx.qdq.tensors_needing_amax_for_ort`: conv outputs on residual
+        branches, which TensorRT keeps in float) get their amax from them with ``max``, so the
+        rendering clips nothing there; the first ``SELF_CHECK_SAMPLES`` rows are the self-check.
+        ``extra_amax`` / ``check_data`` give those two directly instead. Tensors without an amax
+        stay float and are listed in the metadata under ``extra.float_for_lack_of_amax``.
+        ``config.cpu_target`` picks the CPU rendering (``auto``: this CPU's class). The self-check:
+        the engine, run on this CPU as ``load`` runs it, must match its portable twin
+        (:meth:`OrtEngine.check`), else :class:`EngineCheckError` and nothing is written; its
+        deviation from the Q/DQ ONNX (fake-quant) is recorded and warned.
         """
         ort = _ort()
         config, rendering = config or EngineConfig(), rendering or OrtRendering()
@@ -234,13 +245,18 @@ class OrtBackend:
         src = onnx_path.read_bytes()
         model = onnx.load_from_string(src)
         needed = tensors_needing_amax_for_ort(model)
+        if data is not None:
+            if extra_amax is None:
+                extra_amax = ort_calibrate(model, needed, data, "max")
+            if check_data is None:
+                check_data = _first_rows(data, SELF_CHECK_SAMPLES)
         cpu = detect_cpu()
         target = resolve_target(config.cpu_target, cpu)
         rendered = render_for_ort(model, extra_amax, rendering, target)
         risks = int16_pair_sum_risks(rendered, target)
         if risks:  # the rendering guarantees none; a failure here is a bug, never a silent engine
             raise RuntimeError(f"the '{target}' rendering has int8 weights that can saturate int16 pair sums: {risks[:3]}")
-        data = rendered.SerializeToString(deterministic=True)
+        engine = rendered.SerializeToString(deterministic=True)
         check = rendering_check = None
         if check_data is not None:
             with warnings.catch_warnings():  # a foreign target runs re-rendered here, as load would run it
@@ -263,10 +279,10 @@ class OrtBackend:
         info = EngineInfo(
             backend=self.name,
             engine_path=engine_path.name,
-            onnx_sha256=hashlib.sha256(src).hexdigest(),
+            onnx_sha256=sha256_bytes(src),
+            engine_sha256=sha256_bytes(engine),
             versions={"onnxruntime": ort.__version__, "onnx": onnx.__version__},
             extra={
-                "engine_sha256": hashlib.sha256(data).hexdigest(),
                 "providers": providers,
                 "rendering": asdict(rendering),
                 "extra_amax": {k: float(v) for k, v in sorted((extra_amax or {}).items())},
@@ -278,26 +294,22 @@ class OrtBackend:
                 "rendering_check": None if check is None else rendering_check.to_dict(),
             },
         )
-        atomic_write_bytes(engine_path, data)
-        atomic_write_text(metadata_path(engine_path), json.dumps(asdict(info), indent=2, sort_keys=True) + "\n")
+        write_engine(engine_path, engine, info)
         return info
 
     def load(self, engine_path: Path, config: EngineConfig | None = None) -> OrtEngine:
         """Open a built engine; its sidecar metadata must exist and match the file."""
-        config = config or EngineConfig()
-        engine_path = Path(engine_path)
-        meta = metadata_path(engine_path)
-        if not engine_path.is_file() or not meta.is_file():
-            raise FileNotFoundError(f"engine {engine_path} or its metadata {meta} is missing; build it with "
-                                    "OrtBackend().build(...) / `qfold build`.")
-        info = EngineInfo(**json.loads(meta.read_text()))
-        digest = hashlib.sha256(engine_path.read_bytes()).hexdigest()
-        if info.extra.get("engine_sha256") not in (None, digest):
-            raise ValueError(f"engine {engine_path} does not match its metadata (sha256 differs); rebuild it.")
-        return OrtEngine(onnx.load(str(engine_path)), info, config)
+        data, info = read_engine(engine_path)
+        return OrtEngine(onnx.load_from_string(data), info, config or EngineConfig())
 
 
-def metadata_path(engine_path: str | Path) -> Path:
-    """The JSON sidecar of an engine file: ``<engine>.json``."""
-    p = Path(engine_path)
-    return p.with_name(p.name + ".json")
+def _first_rows(batches: Sequence[np.ndarray], n: int) -> list[np.ndarray]:
+    """The first ``n`` rows of ``batches``, in the same batches (the last one cut)."""
+    out: list[np.ndarray] = []
+    left = n
+    for b in batches:
+        if left <= 0:
+            break
+        out.append(b[:left])
+        left -= len(out[-1])
+    return out

@@ -28,6 +28,7 @@ The parts that need no TensorRT live in :mod:`qfold.engine.trt_plan` and are re-
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,16 @@ from typing import Any
 import numpy as np
 
 from calib.atomic import atomic_write_bytes
-from qfold.engine.base import EngineConfig, EngineInfo
+from qfold.engine.base import (
+    EngineConfig,
+    EngineInfo,
+    info_to_json,
+    metadata_path,
+    read_engine,
+    sha256_bytes,
+    sha256_file,
+    write_engine,
+)
 from qfold.engine.trt_install import INSTALL_HINT
 from qfold.engine.trt_plan import (
     BOOKKEEPING_LAYERS,
@@ -47,19 +57,13 @@ from qfold.engine.trt_plan import (
     batch_slices,
     check_compatible,
     format_parser_errors,
-    info_to_json,
     is_aligned,
-    metadata_path,
     plan_build,
     prepare_onnx,
     profile_shapes,
-    read_engine,
-    sha256_bytes,
-    sha256_file,
     summarize_layers,
     timing_cache_path,
     version_tuple,
-    write_engine,
 )
 from qfold.errors import EngineBuildError, TensorRTUnavailableError
 
@@ -75,7 +79,6 @@ __all__ = [
     "TensorRTBackend",
     "TensorRTEngine",
     "TensorRTUnavailableError",
-    "TrtBackend",
     "aligned_empty",
     "aligned_tensor",
     "batch_slices",
@@ -277,13 +280,18 @@ class TensorRTBackend:
     """The ``tensorrt`` backend of :mod:`qfold.engine.base` (explicit Q/DQ INT8, strongly typed)."""
 
     name = "tensorrt"
+    suffix = ".plan"
 
     def __init__(self, *, legacy_weak_typing: bool = False, verbose: bool = False) -> None:
         self.legacy_weak_typing = legacy_weak_typing
         self.verbose = verbose
 
-    def build(self, onnx_path: Path, engine_path: Path, config: EngineConfig) -> EngineInfo:
-        """Build ``engine_path`` (+ metadata, + timing cache) from the Q/DQ ONNX at ``onnx_path``."""
+    def build(self, onnx_path: Path, engine_path: Path, config: EngineConfig,
+              data: Sequence[np.ndarray] | None = None) -> EngineInfo:
+        """Build ``engine_path`` (+ metadata, + timing cache) from the Q/DQ ONNX at ``onnx_path``.
+
+        ``data`` is not needed: TensorRT's INT8 comes only from the Q/DQ nodes (explicit quantization).
+        """
         onnx_path, engine_path = Path(onnx_path), Path(engine_path)
         trt = import_tensorrt()
         plan_cfg = plan_build(
@@ -337,11 +345,11 @@ class TensorRTBackend:
             backend=self.name,
             engine_path=engine_path.name,
             onnx_sha256=sha256_file(onnx_path),
+            engine_sha256=sha256_bytes(plan),
             versions={"tensorrt": trt.__version__},
             extra={
                 "gpu": gpu,
                 "compute_capability": cc,
-                "engine_sha256": sha256_bytes(plan),
                 "strongly_typed": not self.legacy_weak_typing,
                 "builder_flags": list(plan_cfg.builder_flags),
                 "cleared_builder_flags": list(plan_cfg.cleared_flags),
@@ -391,6 +399,4 @@ class TensorRTBackend:
             raise EngineBuildError(f"TensorRT could not deserialize {engine_path}: {detail}")
         return TensorRTEngine(engine, info, trt, runtime)
 
-
-TrtBackend = TensorRTBackend  # the name qfold.engine.BACKENDS refers to
 BACKEND = TensorRTBackend()

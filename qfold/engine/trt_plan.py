@@ -11,14 +11,12 @@ This module never imports ``tensorrt``; :mod:`qfold.engine.trt` re-exports all o
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from calib.atomic import atomic_write_bytes, atomic_write_text
 from qfold.engine.base import EngineConfig, EngineInfo
 from qfold.engine.trt_install import INSTALL_COMMAND
 
@@ -300,57 +298,10 @@ def aligned_empty(shape: Sequence[int], dtype: Any, device: Any, alignment: int 
 # ----------------------------------------------------------------------------- files and metadata
 
 
-def metadata_path(engine_path: str | Path) -> Path:
-    """``model.plan`` -> ``model.plan.json``."""
-    p = Path(engine_path)
-    return p.with_name(p.name + ".json")
-
-
 def timing_cache_path(engine_path: str | Path) -> Path:
     """``model.plan`` -> ``model.plan.timing.cache`` (reused by the next build of that engine)."""
     p = Path(engine_path)
     return p.with_name(p.name + ".timing.cache")
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def info_to_json(info: EngineInfo) -> str:
-    """Deterministic JSON for ``info`` (sorted keys, 2-space indent, trailing newline)."""
-    return json.dumps(asdict(info), sort_keys=True, indent=2) + "\n"
-
-
-def write_engine(engine_path: str | Path, plan: bytes, info: EngineInfo) -> Path:
-    """Write the plan and then its metadata, each atomically; the metadata records the plan's sha256."""
-    engine_path = Path(engine_path)
-    if info.extra.get("engine_sha256") != sha256_bytes(plan):
-        raise ValueError("EngineInfo.extra['engine_sha256'] does not match the plan being written")
-    atomic_write_bytes(engine_path, plan)
-    atomic_write_text(metadata_path(engine_path), info_to_json(info))
-    return engine_path
-
-
-def read_engine(engine_path: str | Path) -> tuple[bytes, EngineInfo]:
-    """Read a plan and its metadata; raises if either is missing or they do not belong together."""
-    engine_path = Path(engine_path)
-    meta = metadata_path(engine_path)
-    if not engine_path.is_file() or not meta.is_file():
-        missing = engine_path if not engine_path.is_file() else meta
-        raise FileNotFoundError(f"{missing} does not exist; build the engine first (qfold build --backend tensorrt)")
-    plan = engine_path.read_bytes()
-    info = EngineInfo(**json.loads(meta.read_text(encoding="utf-8")))
-    if info.extra.get("engine_sha256") != sha256_bytes(plan):
-        raise ValueError(f"{engine_path} does not match {meta} (sha256 differs); rebuild the engine")
-    return plan, info
 
 
 def check_compatible(info: EngineInfo, trt_version: str, compute_capability: str) -> None:

@@ -12,47 +12,16 @@ import io
 import json
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import onnx
 import torch
 from torch import nn
 
 from calib.atomic import atomic_write_bytes, atomic_write_text
+from qfold.config import ExportConfig
 from qfold.onnx.qdq import normalize_qdq, precision_map
-
-Exporter = Literal["torchscript", "dynamo"]
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """How a model is exported.
-
-    Attributes:
-        opset: default-domain opset, >= 13 (per-channel Q/DQ needs ``axis``, opset 13).
-        dynamic_batch: make dimension 0 of every input and output symbolic (``batch``).
-        exporter: "torchscript" (the legacy ``dynamo=False`` exporter: deterministic, exports
-            fake-quant ops as Q/DQ) or "dynamo" (``torch.export``-based).
-        input_names, output_names: ONNX graph I/O names.
-        normalize: put Q/DQ in TensorRT's form (:func:`qfold.onnx.qdq.normalize_qdq`) and write the
-            per-layer precision map ``<stem>.precision.json`` next to the model.
-    """
-
-    opset: int = 17
-    dynamic_batch: bool = True
-    exporter: Exporter = "torchscript"
-    input_names: tuple[str, ...] = ("input",)
-    output_names: tuple[str, ...] = ("output",)
-    normalize: bool = True
-
-    def __post_init__(self) -> None:
-        if self.opset < 13:
-            raise ValueError(f"ExportConfig.opset must be >= 13 (per-channel Q/DQ needs the axis attribute), "
-                             f"got {self.opset}.")
-        if self.exporter not in ("torchscript", "dynamo"):
-            raise ValueError(f"ExportConfig.exporter must be 'torchscript' or 'dynamo', got {self.exporter!r}.")
 
 
 def precision_map_path(onnx_path: str | os.PathLike) -> Path:
@@ -106,12 +75,14 @@ def serialize(model: onnx.ModelProto) -> bytes:
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], path: str | os.PathLike,
-                config: ExportConfig = ExportConfig()) -> Path:
+                config: ExportConfig = ExportConfig(), *, layers: dict[str, Any] | None = None) -> Path:
     """Export ``model`` (a deep copy, in eval mode; the caller's model is untouched) to ``path``.
 
     Returns:
         ``path``. With ``config.normalize`` and Q/DQ in the graph, ``<stem>.precision.json`` is
-        written next to it (``{node name: "int8" | "float"}`` for every weighted layer).
+        written next to it (``{node name: "int8" | "float"}`` for every weighted layer), or, given
+        ``layers`` (the plan's per-layer precisions, :meth:`qfold.quant.QuantPlan.precision_map`),
+        ``{"layers": layers, "onnx_nodes": {node name: ...}}``.
 
     Raises:
         TypeError: ``example_input`` is not a tensor (tuple).
@@ -131,6 +102,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tens
     path = Path(path)
     atomic_write_bytes(path, serialize(proto))
     if config.normalize and has_qdq:
-        text = json.dumps(precision_map(proto), indent=2, sort_keys=True) + "\n"
+        nodes = precision_map(proto)
+        text = json.dumps(nodes if layers is None else {"layers": layers, "onnx_nodes": nodes}, indent=2, sort_keys=True) + "\n"
         atomic_write_text(precision_map_path(path), text)
     return path

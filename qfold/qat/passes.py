@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from calib.method import CalibMethod
 from qfold.bound.passes import rewrite_to_relu6
 from qfold.capture import trace
 from qfold.capture.keep_attrs import keep_interface
+from qfold.config import BOUND_MODES, CalibConfig
 from qfold.fold import formulas as fold_math
 from qfold.fx import call_counts, relu_site, set_module
 from qfold.qat.modules import ConvBn, QATActQuant, QATQuantLayer, QuantConvBn, can_pair
@@ -41,6 +43,7 @@ from qfold.quant.prepare import (
     act_quantizers,
     prepare_fake_quant,
     quantization_disabled,
+    tie_groups,
 )
 
 __all__ = ["QATConfig", "amax_parameters", "convert", "export", "prepare", "step"]
@@ -48,8 +51,6 @@ __all__ = ["QATConfig", "amax_parameters", "convert", "export", "prepare", "step
 STEP_BUFFER = "qfold_qat_step"
 _CONFIG_ATTR = "_qfold_qat_config"
 _GROUPS_ATTR = "_qfold_qat_groups"
-CALIB_METHODS = ("max", "percentile", "entropy", "mse")
-BOUND_MODES = ("off", "swap", "preserve")
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,9 @@ class QATConfig:
         learn_amax: train activation amax with LSQ (add :func:`amax_parameters` to the optimizer).
         amax_momentum: tracked (not learned) activation amax follows the batch max |x| with this
             EMA momentum; 0 keeps the calibrated value.
-        calib_method: how ``calib_data`` initialises activation amax ("max", "percentile",
-            "entropy", "mse"; see :class:`calib.method.CalibMethod`).
-        calib_batch_size: batch size when ``calib_data`` is one tensor.
+        calib: how ``calib_data`` initialises activation amax (:class:`qfold.config.CalibConfig`,
+            the PTQ ``[calib]`` section: method, percentile, bins, and the batch size when
+            ``calib_data`` is one tensor; every method but "auto").
         bound: "off", or "swap" (every ReLU becomes ReLU6, literally; QAT then adapts the weights).
             "preserve" needs calibration-driven rescaling: run ``qfold.bound`` on the float model first.
         keep_float: patterns of layers left unquantized (see :func:`qfold.quant.plan.match_patterns`).
@@ -75,8 +76,7 @@ class QATConfig:
     freeze_amax_step: int | None = None
     learn_amax: bool = False
     amax_momentum: float = 0.01
-    calib_method: str = "max"
-    calib_batch_size: int = 64
+    calib: CalibConfig = field(default_factory=CalibConfig)
     bound: str = "off"
     keep_float: tuple[str, ...] = ()
 
@@ -87,10 +87,8 @@ class QATConfig:
                 raise ValueError(f"QATConfig.{name} must be None or an int >= 0, got {v!r}")
         if not 0.0 <= self.amax_momentum <= 1.0:
             raise ValueError(f"QATConfig.amax_momentum must be in [0, 1], got {self.amax_momentum}")
-        if self.calib_method not in CALIB_METHODS:
-            raise ValueError(f"QATConfig.calib_method must be one of {CALIB_METHODS}, got {self.calib_method!r}")
-        if self.calib_batch_size < 1:
-            raise ValueError(f"QATConfig.calib_batch_size must be >= 1, got {self.calib_batch_size}")
+        if self.calib.method == "auto":
+            raise ValueError("QATConfig.calib.method 'auto' needs the PTQ pipeline's output check; use max, percentile, entropy or mse")
         if self.bound not in BOUND_MODES:
             raise ValueError(f"QATConfig.bound must be one of {BOUND_MODES}, got {self.bound!r}")
         if self.bound == "preserve":
@@ -167,27 +165,18 @@ def _calibrate(gm: fx.GraphModule, data: Any, config: QATConfig) -> None:
 
     quants = act_quantizers(gm)
     names = [f"{PREFIX}.{k}" for k in quants]
+    method = CalibMethod(config.calib.method, percentile=config.calib.percentile)
     with quantization_disabled(gm):
-        result = calibrate(gm, _batches(data, config.calib_batch_size), names, method=config.calib_method, progress=False)
+        result = calibrate(gm, _batches(data, config.calib.batch_size), names, method=method, progress=False, num_bins=config.calib.num_bins)
     amax = result.amax
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         from calib.distributed import all_reduce_observers
 
         all_reduce_observers(result.observers)  # every rank: the histograms of all ranks' data
-        amax = result.recompute(config.calib_method)
+        amax = result.recompute(method)
     for key, q in quants.items():
         q.set_amax(amax[f"{PREFIX}.{key}"])
-    _tie_groups(gm)
-
-
-@torch.no_grad()
-def _tie_groups(gm: fx.GraphModule) -> None:
-    """Tensors meeting at a concat share one amax (their max), as the export requires."""
-    quants = act_quantizers(gm)
-    for group in getattr(gm, _GROUPS_ATTR, ()):
-        peak = max(float(quants[k].amax) for k in group)
-        for k in group:
-            quants[k].amax.fill_(peak)
+    tie_groups(quants, getattr(gm, _GROUPS_ATTR, ()))
 
 
 def _attach_state(gm: fx.GraphModule, config: QATConfig, groups: tuple, device: torch.device) -> None:
@@ -212,7 +201,7 @@ def prepare(model: nn.Module, calib_data: Any = None, *, config: QATConfig = QAT
 
     Args:
         model: the float model, in training mode, torch.fx-traceable.
-        calib_data: input batches (a tensor ``(N, ...)`` split into ``config.calib_batch_size``, or
+        calib_data: input batches (a tensor ``(N, ...)`` split into ``config.calib.batch_size``, or
             an iterable of input tensors) to initialise activation amax; None initialises each
             quantizer from the first training batch (or from a loaded ``state_dict``: pass None
             when resuming, no recalibration happens).
@@ -300,7 +289,7 @@ def step(model: nn.Module) -> int:
     counter.add_(1)
     n = int(counter)
     _sync_tracked_amax(gm)
-    _tie_groups(gm)
+    tie_groups(act_quantizers(gm), getattr(gm, _GROUPS_ATTR, ()))
     bn_frozen = config.freeze_bn_step is not None and n >= config.freeze_bn_step
     amax_frozen = config.freeze_amax_step is not None and n >= config.freeze_amax_step
     for m in gm.modules():

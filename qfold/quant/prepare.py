@@ -8,8 +8,9 @@ state in which calibration observes them.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -102,3 +103,17 @@ class quantization_disabled:
     def __exit__(self, *exc: object) -> None:
         for m, on in zip(self._mods, self._saved):
             m.enabled.fill_(on)
+
+
+@torch.no_grad()
+def tie_groups(quantizers: Mapping[str, ActQuant], groups: Iterable[Iterable[str]]) -> None:
+    """Tensors meeting at a concat share one amax (the group's largest), as the Q/DQ export requires.
+
+    Used by PTQ after calibration and by QAT after its calibration; ``groups`` is
+    :attr:`qfold.quant.plan.QuantPlan.groups`.
+    """
+    for group in groups:
+        keys = list(group)
+        peak = max(float(quantizers[k].amax) for k in keys)
+        for k in keys:
+            quantizers[k].amax.fill_(peak)

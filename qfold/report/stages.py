@@ -14,9 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from calib.atomic import atomic_write_bytes, atomic_write_text
+from qfold.capture import trace
+from qfold.quant.prepare import quantizer_name
 from qfold.report import metrics as metrics
 
 STAGE_ORDER = ("folded", "bounded", "fake_quant", "engine")
@@ -267,3 +270,75 @@ def save_plots(report: AccuracyReport, histograms: dict[str, tuple[np.ndarray, n
         fig.tight_layout()
         _save(fig, "activation_histograms.png")
     return paths
+
+
+# ----------------------------------------------------------------------------- the stages of a PTQ run
+
+
+def layer_inputs(plan: Any, fq: fx.GraphModule) -> dict[str, str]:
+    """quantized layer name -> key of the quant point feeding it (``plan``: a :class:`qfold.quant.QuantPlan`)."""
+    node_to_layer = {n.name: n.target for n in fq.graph.nodes if n.op == "call_module"}
+    out: dict[str, str] = {}
+    for key, p in plan.points.items():
+        for c in p.consumers:
+            if node_to_layer.get(c) in plan.layers:
+                out[node_to_layer[c]] = key
+    return out
+
+
+def evaluate_stages(model: nn.Module, res: Any, engine: Any, x: torch.Tensor, y: torch.Tensor | None, config: Any) -> AccuracyReport:
+    """Every stage against the original model, and every quantized layer's SQNR.
+
+    ``res`` is a :class:`qfold.pipeline.PTQResult` (its ``folded``, ``bounded``, ``fake_quant``,
+    ``plan`` and ``amax``), ``config`` a :class:`qfold.config.PTQConfig` (its ``eval`` section
+    and ``progress``); ``engine`` has ``run(numpy batch) -> numpy``.
+
+    Each model runs once over ``x``: the FP32 reference (reused by every comparison), the folded
+    model, the bounded and fake-quant models together (their per-layer outputs give the layer
+    report in the same pass) and the engine. ``eval.stage_samples`` limits the folded and bounded
+    stages and the layer report to the first samples.
+    """
+    bs, prog = config.eval.batch_size, config.progress
+    n = x.shape[0] if config.eval.stage_samples is None else min(config.eval.stage_samples, x.shape[0])
+    ref = run_logits(model, x, bs, prog, "FP32")
+    report = AccuracyReport(reference=reference_metrics(ref, y))
+    ys = None if y is None else y[:n]
+    has_bound = res.bounded is not res.folded
+    names = sorted(res.plan.layers) if config.eval.layer_report else []
+    outs = {} if names and not has_bound else {"folded": run_logits(res.folded, x[:n], bs, prog, "folded")}
+    float_model = res.bounded if has_bound else res.folded  # the last float stage, paired with fake-quant
+    if names and not isinstance(float_model, fx.GraphModule):
+        float_model = trace(float_model)
+    if names or has_bound:
+        float_out, fq_head, sq = paired_logits(float_model, res.fake_quant, names, x[:n], bs, prog)
+        outs["bounded" if has_bound else "folded"] = float_out
+        fq_out = fq_head if n == x.shape[0] else np.concatenate([fq_head, run_logits(res.fake_quant, x[n:], bs, prog, "fake_quant")])
+    else:
+        fq_out, sq = run_logits(res.fake_quant, x, bs, prog, "fake_quant"), {}
+    for name, out in outs.items():
+        report.stages[name] = stage_metrics(ref[:n], out, ys)
+    report.stages["fake_quant"] = stage_metrics(ref, fq_out, y)
+    run_engine = lambda xb: engine.run(xb.numpy().astype(np.float32))  # noqa: E731
+    report.stages["engine"] = stage_metrics(ref, run_logits(run_engine, x, bs, prog, "engine"), y)
+    if n < x.shape[0]:
+        report.stage_samples = {**dict.fromkeys(outs, n), "fake_quant": x.shape[0], "engine": x.shape[0], **({"layers": n} if names else {})}
+    if names:
+        inputs = layer_inputs(res.plan, res.fake_quant)
+        report.layers = sorted(
+            (LayerMetrics(k, res.plan.layers[k].type, sq[k], res.amax.get(inputs.get(k, ""))) for k in names),
+            key=lambda layer: (layer.sqnr_db, layer.name),
+        )
+    return report
+
+
+def input_histograms(res: Any, cres: Any) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    out = {}
+    for layer, key in layer_inputs(res.plan, res.fake_quant).items():
+        obs = cres.observers.get(quantizer_name(key))
+        if obs is None:
+            continue
+        h = obs.histogram
+        edges = np.arange(h.num_bins + 1) * h.width
+        last = int(np.nonzero(h.counts)[0][-1]) + 2 if h.counts.any() else 2
+        out[layer] = (h.counts[:last].astype(float), edges[: last + 1], res.amax[key])
+    return out

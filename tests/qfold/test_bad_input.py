@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+import calib
 from qfold import cli, outdir
 from qfold.config import PTQConfig, from_dict
 
@@ -376,7 +377,7 @@ def test_calibrate_honours_max_samples_and_warns_on_a_single_sample(ws, monkeypa
     from qfold.inputs.sources import load_data
 
     x, _ = load_data(str(ws / "calib.npz"))
-    assert table["meta"]["data_sha256"] == hashlib.sha256(x[:5].contiguous().numpy().tobytes()).hexdigest()
+    assert table["meta"]["data_sha256"] == calib.hash_batches([x[:5]])
     capsys.readouterr()
     assert cli.main(["calibrate", "--model", "qmods:tiny", "--calib-data", "one.npz", "--no-progress", "--out", "cal1"]) == 0
     err = capsys.readouterr().err

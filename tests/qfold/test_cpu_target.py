@@ -24,13 +24,12 @@ from fq_models import ResNetish, calibrate
 ROOT = Path(__file__).resolve().parents[2]
 
 from qfold.config import PTQConfig
-from qfold.engine.base import EngineConfig
+from qfold.engine.base import EngineConfig, metadata_path
 from qfold.engine.cpu import detect, exact_on, parse_cpuinfo, resolve_target
 from qfold.engine.ort import (
     OrtBackend,
     engine_target,
     for_this_cpu,
-    metadata_path,
     ort_max_amax,
 )
 from qfold.engine.ort_check import TOLERANCE_STEPS, compare
@@ -271,11 +270,11 @@ def test_load_runs_the_engine_exactly_here_whatever_it_was_built_for(qdq, tmp_pa
 
 
 def test_cpu_target_configuration_is_validated() -> None:
-    from qfold.config import EngineSection
+    from qfold.config import EngineConfig
 
-    assert EngineSection().cpu_target == "auto"
+    assert EngineConfig().cpu_target == "auto"
     with pytest.raises(ValueError, match="cpu_target must be one of"):
-        EngineSection(cpu_target="avx512")
+        EngineConfig(cpu_target="avx512")
     with pytest.raises(ValueError, match="cpu_target must be one of"):
         OrtBackend().build(Path(__file__), Path("/nonexistent/e.onnx"), EngineConfig(cpu_target="sse"))
 

@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from fq_models import ResNetish, calibrate
 
 from qfold.engine import BACKENDS, EngineConfig, get_backend
-from qfold.engine.ort import OrtBackend, metadata_path, ort_max_amax
+from qfold.engine.base import metadata_path
+from qfold.engine.ort import OrtBackend, ort_max_amax
 from qfold.onnx.export import export_onnx
 from qfold.onnx.qdq import tensors_needing_amax_for_ort
 
@@ -78,13 +79,13 @@ def test_errors_are_clear_and_leave_nothing_behind(qdq, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="qfold export"):
         b.build(tmp_path / "missing.onnx", tmp_path / "e.onnx")
     assert os.listdir(tmp_path) == []
-    with pytest.raises(FileNotFoundError, match="build it"):
+    with pytest.raises(FileNotFoundError, match="build the engine first"):
         b.load(tmp_path / "e.onnx")
     b.build(path, tmp_path / "e.onnx")
     with pytest.raises(TypeError, match="astype"):
         b.load(tmp_path / "e.onnx").run(np.zeros((1, 3, 16, 16), np.int64))
     (tmp_path / "e.onnx").write_bytes((tmp_path / "e.onnx").read_bytes() + b"\0")
-    with pytest.raises(ValueError, match="does not match its metadata"):
+    with pytest.raises(ValueError, match="sha256 differs"):
         b.load(tmp_path / "e.onnx")
     with pytest.raises(ValueError, match="device"):
         b.build(path, tmp_path / "f.onnx", EngineConfig(device="tpu"))

@@ -351,8 +351,8 @@ def test_cli_ptq_with_tensorrt_missing_exits_2_before_any_work(tmp_path):
 
 def _info(plan: bytes, name: str = "m.plan") -> EngineInfo:
     return EngineInfo(
-        backend="tensorrt", engine_path=name, onnx_sha256="ab" * 32, versions={"tensorrt": "11.1.0"},
-        extra={"gpu": "NVIDIA H100", "compute_capability": "9.0", "engine_sha256": T.sha256_bytes(plan), "layers": {"int8": 3}},
+        backend="tensorrt", engine_path=name, onnx_sha256="ab" * 32, engine_sha256=T.sha256_bytes(plan), versions={"tensorrt": "11.1.0"},
+        extra={"gpu": "NVIDIA H100", "compute_capability": "9.0", "layers": {"int8": 3}},
     )
 
 
