@@ -27,6 +27,14 @@ FALLBACK_MODES = ("off", "auto")
 #: the bound's quantile: the cap of 6 maps to this per-channel quantile of the pre-activation.
 QUANTILE_RANGE = "(0.5, 1]"
 
+
+
+def _one_of(key: str, value: Any, choices: tuple) -> None:
+    """Raise ValueError naming ``key`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {choices}, got {value!r}")
+
+
 __all__ = [
     "BoundConfig", "CalibConfig", "EngineConfig", "EvalConfig", "ExportConfig", "FoldConfig", "PTQConfig",
     "from_dict", "load_config", "read_toml", "to_toml",
@@ -61,8 +69,7 @@ class BoundConfig:
     max_scale: float = 1e6
 
     def __post_init__(self) -> None:
-        if self.mode not in BOUND_MODES:
-            raise ValueError(f"bound.mode must be one of {BOUND_MODES}, got {self.mode!r}")
+        _one_of("bound.mode", self.mode, BOUND_MODES)
         if not 0.5 < self.quantile <= 1.0:
             raise ValueError(f"bound.quantile must be in {QUANTILE_RANGE}, got {self.quantile}")
         if self.bins < 2 or self.bins & (self.bins - 1):
@@ -90,8 +97,7 @@ class CalibConfig:
     max_samples: int | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in CALIB_METHODS:
-            raise ValueError(f"calib.method must be one of {CALIB_METHODS}, got {self.method!r}")
+        _one_of("calib.method", self.method, CALIB_METHODS)
         if not 0 < self.percentile <= 100:
             raise ValueError(f"calib.percentile must be in (0, 100], got {self.percentile}")
         if self.batch_size < 1:
@@ -127,8 +133,7 @@ class ExportConfig:
     normalize: bool = True
 
     def __post_init__(self) -> None:
-        if self.exporter not in EXPORTERS:
-            raise ValueError(f"export.exporter must be one of {EXPORTERS}, got {self.exporter!r}")
+        _one_of("export.exporter", self.exporter, EXPORTERS)
         lo, hi = OPSET_RANGE[self.exporter]
         if self.opset < 13:
             raise ValueError(f"export.opset must be >= 13 (per-channel Q/DQ needs the axis attribute), got {self.opset}")
@@ -167,10 +172,8 @@ class EngineConfig:
     workspace_mib: int = 1024
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"engine.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.cpu_target not in CPU_TARGETS:
-            raise ValueError(f"engine.cpu_target must be one of {CPU_TARGETS}, got {self.cpu_target!r}")
+        _one_of("engine.backend", self.backend, BACKENDS)
+        _one_of("engine.cpu_target", self.cpu_target, CPU_TARGETS)
 
 
 @dataclass(frozen=True)
@@ -199,8 +202,7 @@ class EvalConfig:
             raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
         if self.stage_samples is not None and self.stage_samples < 1:
             raise ValueError(f"eval.stage_samples must be >= 1 (or unset for all samples), got {self.stage_samples}")
-        if self.fallback not in FALLBACK_MODES:
-            raise ValueError(f"eval.fallback must be one of {FALLBACK_MODES}, got {self.fallback!r}")
+        _one_of("eval.fallback", self.fallback, FALLBACK_MODES)
         if self.fallback == "auto" and self.max_drop_pp is None:
             raise ValueError("eval.fallback = 'auto' needs eval.max_drop_pp (the budget the search meets; CLI --max-drop PP)")
 

@@ -1,16 +1,13 @@
 """The post-training-quantization path, composed: fold -> bound -> calibrate -> export -> build -> evaluate.
 
-Each step lives in its own package (:mod:`qfold.fold`, :mod:`qfold.bound`, :mod:`qfold.quant`,
-:mod:`qfold.onnx`, :mod:`qfold.engine`, :mod:`qfold.report`); this module only calls them in
-order with their own section of :class:`qfold.config.PTQConfig`, keeps every intermediate model
-(the stages the accuracy report compares) and names the artifacts. It never names a backend.
+Each step lives in its own package (fold, bound, quant, onnx, engine, report); this module only
+calls them in order, each with its own section of :class:`qfold.config.PTQConfig`, keeps every
+intermediate model (the stages the accuracy report compares) and names the artifacts.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +18,21 @@ import torch.nn as nn
 
 import calib
 from calib.atomic import atomic_write_text
+from qfold.bound import bound_relu
 from qfold.config import PTQConfig
-from qfold.errors import InputWarning, QualityGateError
-from qfold.fx import is_eval
+from qfold.engine import get_backend, require_backend
+from qfold.errors import QualityGateError
+from qfold.fold import fold_batchnorm
 from qfold.inputs.sources import batches
-from qfold.inputs.validate import check_model_and_data
+from qfold.inputs.validate import check_ptq_inputs
+from qfold.onnx import export_onnx
+from qfold.onnx.export import precision_map_path
+from qfold.onnx.qdq import check_trt_rules
 from qfold.outdir import final_path, owned
 from qfold.quant import QuantPlan
-from qfold.quant.calibrate import calibrate_model, calibration_table
+from qfold.quant.calibrate import calibrate_model, calibration_table, write_trt_cache
 from qfold.quant.prepare import act_quantizers
+from qfold.reparam import reparameterize
 from qfold.report import stages as ev
 
 
@@ -49,9 +52,6 @@ class PTQResult:
 
 def fold_stage(model: nn.Module, config: PTQConfig, example: torch.Tensor | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Re-parameterize branches (optional), then fold BatchNorm; ``example`` lets the fold measure tensor ranks."""
-    from qfold.fold import fold_batchnorm
-    from qfold.reparam import reparameterize
-
     reports: dict[str, Any] = {}
     if config.fold.reparameterize:
         model, reports["reparam"] = reparameterize(model, example_inputs=example)
@@ -61,11 +61,8 @@ def fold_stage(model: nn.Module, config: PTQConfig, example: torch.Tensor | None
 
 def bound_stage(folded: nn.Module, calib_x: torch.Tensor, config: PTQConfig) -> tuple[nn.Module, Any]:
     """ReLU -> ReLU6 in the configured mode (or nothing with mode "off")."""
-    if config.bound.mode == "off":
-        return folded, None
-    from qfold.bound import bound_relu
-
-    return bound_relu(folded, list(batches(calib_x, config.calib.batch_size)), config=config.bound)
+    off = config.bound.mode == "off"
+    return (folded, None) if off else bound_relu(folded, list(batches(calib_x, config.calib.batch_size)), config=config.bound)
 
 
 def calibrate_stage(model: nn.Module, calib_x: torch.Tensor, config: PTQConfig) -> tuple[fx.GraphModule, QuantPlan, calib.CalibResult]:
@@ -76,22 +73,16 @@ def calibrate_stage(model: nn.Module, calib_x: torch.Tensor, config: PTQConfig) 
 def export_stage(fq: fx.GraphModule, example: torch.Tensor, out_dir: Path, config: PTQConfig,
                  layers: dict[str, Any] | None = None) -> tuple[Path, list]:
     """Export the fake-quant model to a TensorRT-profile Q/DQ ONNX; returns its path and rule violations."""
-    from qfold.onnx import export_onnx
-    from qfold.onnx.qdq import check_trt_rules
-
     path = export_onnx(fq, example, out_dir / "model_qdq.onnx", config.export, layers=layers)
     return path, check_trt_rules(onnx.load(str(path)))
 
 
 def build_engine_stage(onnx_path: Path, out: Path, config: PTQConfig, calib_x: torch.Tensor | None = None) -> Any:
     """Build ``out/engine<suffix>`` with the configured backend (calibration batches to hand) and load it."""
-    from qfold.engine import get_backend
-
     backend = get_backend(config.engine.backend)
     data = None if calib_x is None else [b.numpy() for b in batches(calib_x, config.calib.batch_size)]
-    engine_path = out / f"engine{backend.suffix}"
-    backend.build(onnx_path, engine_path, config.engine, data)
-    return backend.load(engine_path, dataclasses.replace(config.engine, cpu_target="auto"))  # what this CPU computes
+    backend.build(onnx_path, engine_path := out / f"engine{backend.suffix}", config.engine, data)
+    return backend.load(engine_path, replace(config.engine, cpu_target="auto"))  # what this CPU computes
 
 
 def run_ptq(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor | None = None, eval_y: torch.Tensor | None = None,
@@ -103,24 +94,18 @@ def run_ptq(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor | None
         calib_x: calibration inputs (N, ...), float.
         eval_x, eval_y: evaluation inputs and optional integer labels (default: the calibration inputs).
         config: every option, see :class:`qfold.config.PTQConfig`.
-        out_dir: folder for the Q/DQ ONNX, calibration files, engine, reports and plots. The run owns
-            it (:mod:`qfold.outdir`): its files appear together when it ends, replacing those of an
-            earlier qfold run; a failed run leaves the folder as it was.
+        out_dir: folder for every artifact, owned by the run (:mod:`qfold.outdir`: all files appear at the
+            end, replacing an earlier qfold run's; a failed run leaves the folder as it was).
 
     Raises:
         qfold.errors.BackendUnavailableError: first, when the configured engine backend cannot run here.
-        QualityGateError: after writing everything, when ``config.eval.max_drop_pp`` is exceeded.
         ValueError: bad input (model, data, labels, output folder), before any work.
+        QualityGateError: after writing everything, when ``config.eval.max_drop_pp`` is exceeded.
     """
-    from qfold.engine import require_backend
-
     require_backend(config.engine.backend)  # before any work
     if config.calib.max_samples is not None and calib_x is not None:
         calib_x = calib_x[: config.calib.max_samples]
-    if not is_eval(model):
-        raise ValueError("the model is in training mode; call model.eval() before post-training quantization")
-    for w in check_model_and_data(model, calib_x, eval_x, eval_y, max_drop_pp=config.eval.max_drop_pp):
-        warnings.warn(w, InputWarning, stacklevel=2)
+    check_ptq_inputs(model, calib_x, eval_x, eval_y, config.eval.max_drop_pp)
     with owned(out_dir, keep_on=(QualityGateError,)) as run:
         res = _run_ptq_into(model, calib_x, calib_x if eval_x is None else eval_x, eval_y, config, run.path)
     res.artifacts = {k: run.final(p) for k, p in res.artifacts.items()}
@@ -140,20 +125,13 @@ def _run_ptq_into(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor,
     fq, plan, cres = calibrate_stage(bounded, calib_x, config)
     if fallback is not None:
         plan.float_layers.update({n: f"fallback search, {why}" for n, why in fallback.reasons.items()})
-    amax = {k: float(q.amax) for k, q in act_quantizers(fq).items()}
-    res = PTQResult(folded, bounded, fq, plan, amax, reports)
-    art = res.artifacts
+    res = PTQResult(folded, bounded, fq, plan, {k: float(q.amax) for k, q in act_quantizers(fq).items()}, reports)
+    art, amax = res.artifacts, res.amax
 
     art["calibration_json"] = calibration_table(fq, cres, amax, calib_x, model).save_json(out / "calibration.json")
     art["onnx"], violations = export_stage(fq, calib_x[:1], out, config, layers=plan.precision_map())
-    res.reports["trt_rule_violations"] = [str(v) for v in violations]
-    from qfold.onnx.export import precision_map_path
-    from qfold.onnx.qdq import activation_scales
-
-    algo = {"entropy": "EntropyCalibration2"}.get(config.calib.method, "MinMaxCalibration")
-    art["trt_cache"] = calib.write_trt_cache(out / "calibration.trtcache", activation_scales(onnx.load(str(art["onnx"]))), algorithm=algo)
-    art["trt_cache_note"] = calib.write_trt_cache_note(art["trt_cache"])  # its readers; TensorRT 11 has none
-    art["precision_map"] = precision_map_path(art["onnx"])
+    res.reports["trt_rule_violations"], art["precision_map"] = [str(v) for v in violations], precision_map_path(art["onnx"])
+    art["trt_cache"], art["trt_cache_note"] = write_trt_cache(out / "calibration.trtcache", art["onnx"], config.calib.method)
     engine = build_engine_stage(art["onnx"], out, config, calib_x)
     art["engine"] = out / Path(engine.info.engine_path).name
 
@@ -161,20 +139,11 @@ def _run_ptq_into(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor,
     art.update({p.name: p for p in res.accuracy.save(out)})
     if config.eval.plots:
         art.update({p.name: p for p in ev.save_plots(res.accuracy, ev.input_histograms(res, cres), out)})
-    if fallback is not None:
-        from qfold.budget.fallback import write_artifacts
+    if fallback is not None or config.eval.sensitivity:
+        from qfold.budget.fallback import budget_artifacts
 
-        res.reports["fallback"] = {k: v for k, v in fallback.to_dict().items() if k != "steps"}
-        art.update({p.name: p for p in write_artifacts(fallback, config, out)})
-    elif config.eval.sensitivity:
-        from qfold.budget.sensitivity import layer_sensitivity
-
-        sens = layer_sensitivity(fq, plan, eval_x, eval_y, reference=model, batch_size=min(config.eval.batch_size, 64))
-        art.update({p.name: p for p in sens.save(out, plot=config.eval.plots)})
+        art.update({p.name: p for p in budget_artifacts(fallback, res, config, out, eval_x, eval_y, model)})
     data = {k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in res.reports.items() if v is not None}
     art["reports"] = atomic_write_text(out / "reports.json", json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    drop, budget = res.accuracy.drop_pp("engine"), config.eval.max_drop_pp
-    if budget is not None and drop is not None and drop > budget:
-        raise QualityGateError(f"engine top-1 drop {drop:.2f} pp exceeds the budget of {budget:.2f} pp by {drop - budget:.2f} pp "
-                               f"(see {final_path(out) / 'accuracy.md'})", res.accuracy)
+    res.accuracy.check_budget(config.eval.max_drop_pp, final_path(out) / "accuracy.md")  # QualityGateError
     return res

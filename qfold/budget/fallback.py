@@ -289,3 +289,19 @@ def write_artifacts(result: FallbackResult, config: PTQConfig, out_dir: str | Pa
     final = with_float_layers(config, result.float_layers).replace(eval={"fallback": "off"})
     paths.append(atomic_write_text(out / "config.fallback.toml", to_toml(final)))
     return paths
+
+
+def budget_artifacts(fallback: FallbackResult | None, res: Any, config: PTQConfig, out_dir: Path, eval_x: torch.Tensor,
+                     eval_y: torch.Tensor | None, model: nn.Module) -> list[Path]:
+    """The budget files of a PTQ run: the search's (``fallback``) or, with ``eval.sensitivity``, the table.
+
+    ``res`` is the run's :class:`qfold.pipeline.PTQResult`; its ``reports["fallback"]`` gets the
+    search's summary.
+    """
+    if fallback is not None:
+        res.reports["fallback"] = {k: v for k, v in fallback.to_dict().items() if k != "steps"}
+        return write_artifacts(fallback, config, out_dir)
+    if not config.eval.sensitivity:
+        return []
+    sens = layer_sensitivity(res.fake_quant, res.plan, eval_x, eval_y, reference=model, batch_size=min(config.eval.batch_size, 64))
+    return sens.save(out_dir, plot=config.eval.plots)

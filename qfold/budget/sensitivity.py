@@ -49,7 +49,7 @@ class VariantMetrics:
 
     sqnr_db: float
     agreement: float
-    top1: float | None = None
+    top1: float | None = None  # None without labels
     drop_pp: float | None = None
 
 

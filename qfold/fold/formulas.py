@@ -103,14 +103,8 @@ def fold_affine_after(
     return w.to(dtype), b.to(dtype)
 
 
-def fold_affine_before(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    a: torch.Tensor,
-    c: torch.Tensor,
-    *,
-    groups: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_affine_before(weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, c: torch.Tensor, *,
+                       groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold ``x -> a*x + c`` applied to a Conv/Linear *input* into its weight and bias.
 
     Only exact for layers without padding (Linear, or Conv with zero padding): each output then

@@ -15,6 +15,7 @@ import inspect
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from qfold.errors import InputError
+from qfold.errors import InputError, InputWarning
 
 #: Fewer calibration samples than this gives a warning (amax from a handful of inputs is noise).
 MIN_CALIB_SAMPLES = 16
@@ -262,3 +263,16 @@ def check_onnx_file(path: str | Path) -> Any:
         raise InputError(f"{path} is a float ONNX with no QuantizeLinear/DequantizeLinear nodes, so nothing would run in int8; "
                          "export the Q/DQ ONNX with `qfold export` (or `qfold ptq`)")
     return model
+
+
+def check_ptq_inputs(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor | None, eval_y: torch.Tensor | None,
+                     max_drop_pp: float | None = None) -> None:
+    """Everything :func:`qfold.pipeline.run_ptq` checks before any work; warnings as :class:`InputWarning`.
+
+    Raises:
+        ValueError: the model is in training mode, or :func:`check_model_and_data` finds bad input.
+    """
+    if any(m.training for m in model.modules()):
+        raise ValueError("the model is in training mode; call model.eval() before post-training quantization")
+    for w in check_model_and_data(model, calib_x, eval_x, eval_y, max_drop_pp=max_drop_pp):
+        warnings.warn(w, InputWarning, stacklevel=3)

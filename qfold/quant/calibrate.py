@@ -9,6 +9,7 @@ the file can be checked against a model and data with calib alone.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.fx as fx
@@ -28,7 +29,7 @@ from qfold.quant.prepare import (
     tie_groups,
 )
 
-__all__ = ["calibrate_model", "calibration_table"]
+__all__ = ["calibrate_model", "calibration_table", "write_trt_cache"]
 
 
 def calibrate_model(model: nn.Module, calib_x: torch.Tensor, config: CalibConfig, keep_float: Sequence[str] = (),
@@ -84,3 +85,18 @@ def calibration_table(fq: fx.GraphModule, result: calib.CalibResult, amax: dict[
             **({"auto": result.extra["auto"]} if "auto" in result.extra else {}),  # per-tensor choices of method "auto"
         },
     )
+
+
+def write_trt_cache(path: Path, qdq_onnx: Path, method: str) -> tuple[Path, Path]:
+    """TensorRT's calibration cache of the Q/DQ ONNX's activation scales at ``path``, and its note.
+
+    The cache is labelled ``EntropyCalibration2`` for method "entropy", else ``MinMaxCalibration``;
+    the note (``<path>.json``) says which TensorRT versions read it (TensorRT 11 reads none).
+    """
+    import onnx
+
+    from qfold.onnx.qdq import activation_scales
+
+    algo = {"entropy": "EntropyCalibration2"}.get(method, "MinMaxCalibration")
+    cache = calib.write_trt_cache(path, activation_scales(onnx.load(str(qdq_onnx))), algorithm=algo)
+    return cache, calib.write_trt_cache_note(cache)

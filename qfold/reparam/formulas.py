@@ -108,15 +108,8 @@ def regroup(weight: torch.Tensor, groups: int, new_groups: int) -> torch.Tensor:
     return out
 
 
-def fold_bn_into_branch(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    eps: float,
-    gamma: torch.Tensor | None,
-    beta: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_bn_into_branch(weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor, eps: float,
+                        gamma: torch.Tensor | None, beta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold an eval BatchNorm that follows a conv branch: float64 ``(W * a, b * a + c)``."""
     a, c = bn_affine(mean, var, eps, gamma, beta)
     return fold_affine_after(weight.detach().to(torch.float64), None if bias is None else bias.to(torch.float64), a, c)

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from calib.atomic import atomic_write_bytes, atomic_write_text
 from qfold.capture import trace
+from qfold.errors import QualityGateError
 from qfold.quant.prepare import quantizer_name
 from qfold.report import metrics as metrics
 
@@ -75,6 +76,14 @@ class AccuracyReport:
         if s is None or s.top1 is None or self.reference.get("top1") is None:
             return None
         return 100.0 * (self.reference["top1"] - s.top1)
+
+    def check_budget(self, max_drop_pp: float | None, details: str | Path = "accuracy.md") -> None:
+        """Raise :class:`qfold.errors.QualityGateError` (carrying this report) when the engine's
+        top-1 drop exceeds ``max_drop_pp``; ``details`` names where the full report is."""
+        drop = self.drop_pp("engine")
+        if max_drop_pp is not None and drop is not None and drop > max_drop_pp:
+            raise QualityGateError(f"engine top-1 drop {drop:.2f} pp exceeds the budget of {max_drop_pp:.2f} pp by "
+                                   f"{drop - max_drop_pp:.2f} pp (see {details})", self)
 
     def to_markdown(self, worst: int = 10) -> str:
         """A human-readable summary: a table of stages and the worst layers."""
