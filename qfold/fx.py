@@ -15,6 +15,14 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+# torch's base classes of every BatchNorm, convolution, transposed convolution and constant pad.
+# They are private names (torch has no public base class to test against); qfold uses them only
+# in isinstance checks and, for BATCH_NORM, as the base of the fold's any-rank BatchNorm.
+BATCH_NORM = nn.modules.batchnorm._BatchNorm
+CONV = nn.modules.conv._ConvNd
+CONV_TRANSPOSE = nn.modules.conv._ConvTransposeNd
+CONSTANT_PAD = nn.modules.padding._ConstantPadNd
+
 #: functions that compute a ReLU; the in-place ones among them; Tensor methods that do.
 RELU_FUNCS = (F.relu, torch.relu, torch.relu_, F.relu_)
 INPLACE_RELU_FUNCS = (torch.relu_, F.relu_)
@@ -127,3 +135,14 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
     finally:
         for m, f in flags:
             m.training = f
+
+
+def tensor_leaves(obj: object) -> list[torch.Tensor]:
+    """The tensors in a (nested) tuple / list / dict model output, in order (dicts by insertion)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in tensor_leaves(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in tensor_leaves(o)]
+    return []

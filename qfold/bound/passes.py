@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils._pytree import tree_leaves
 
 from qfold.bound import formulas as bm
 from qfold.bound.sites import (
@@ -45,7 +44,15 @@ from qfold.bound.sites import (
 from qfold.capture import trace
 from qfold.config import BoundConfig
 from qfold.errors import BoundError
-from qfold.fx import eval_mode, fn_name, relu_site, set_module
+from qfold.fx import (
+    BATCH_NORM,
+    CONV_TRANSPOSE,
+    eval_mode,
+    fn_name,
+    relu_site,
+    set_module,
+    tensor_leaves,
+)
 from qfold.report.metrics import sqnr_db_from_energy
 
 
@@ -297,12 +304,12 @@ def bound_relu(
 
 
 def _rescale(m: nn.Module, *, out_scale: torch.Tensor | None = None, in_scale: torch.Tensor | None = None) -> None:
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):  # a producer only: gamma and beta times s
+    if isinstance(m, BATCH_NORM):  # a producer only: gamma and beta times s
         with torch.no_grad():
             for p in (m.weight, m.bias):
                 p.copy_((p.detach().double() * out_scale).to(p.dtype))
         return
-    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    transposed = isinstance(m, CONV_TRANSPOSE)
     w, b = bm.rescale_weight(m.weight, m.bias, out_scale=out_scale, in_scale=in_scale, groups=getattr(m, "groups", 1), transposed=transposed)
     with torch.no_grad():
         m.weight.copy_(w)
@@ -334,7 +341,7 @@ class _Reference:
     def add_outputs(self, out: object) -> None:
         if self.outputs is None:
             return
-        self.outputs.append([t for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+        self.outputs.append(tensor_leaves(out))
         self.keep_bytes -= sum(t.numel() * t.element_size() for t in self.outputs[-1])
         if self.keep_bytes < 0:
             self.outputs = None
@@ -372,7 +379,7 @@ def _measure(gm, bgm, batches, sites, new_names, fp32: _Reference | None = None)
             elif i >= len(fp32.outputs):
                 raise BoundError("calib_data yielded more batches on the second read than on the first; pass data that reads the same every time")
             ref = fp32.outputs[i]
-            out = [t for t in tree_leaves(_Watch(bgm, b_watch).run(x)) if isinstance(t, torch.Tensor)]
+            out = tensor_leaves(_Watch(bgm, b_watch).run(x))
             samples += x.shape[0]
             for r, o in zip(ref, out):
                 r, o = r.double(), o.double()
@@ -400,7 +407,7 @@ def _measure_unchanged(gm, batches):
         for i, x in enumerate(batches()):
             if i == 0:
                 _shapes(gm, x)  # a clear error for data of the wrong shape
-                out = [t for t in tree_leaves(_Watch(gm, {}).run(x[:1])) if isinstance(t, torch.Tensor)]
+                out = tensor_leaves(_Watch(gm, {}).run(x[:1]))
                 top1 = 1.0 if out and out[0].ndim == 2 else None
             samples += x.shape[0]
     return {}, {}, samples, sqnr_db_from_energy(1.0, 0.0), top1

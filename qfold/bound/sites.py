@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qfold.errors import BoundError
-from qfold.fx import describe, is_add, module_of, relu_site
+from qfold.fx import BATCH_NORM, CONSTANT_PAD, describe, is_add, module_of, relu_site
 
 __all__ = ["BoundError"]
 
@@ -86,13 +86,13 @@ def _kind(gm: fx.GraphModule, n: fx.Node, shapes: dict[str, tuple | None]) -> st
     m = module_of(gm, n)
     if relu_site(gm, n) is not None:
         return "site"
-    if isinstance(m, nn.modules.batchnorm._BatchNorm) or (n.op == "call_function" and n.target is F.batch_norm):
+    if isinstance(m, BATCH_NORM) or (n.op == "call_function" and n.target is F.batch_norm):
         return "bn"
     if isinstance(m, _LAYERS):
         return "layer"
     if n.op == "call_method" and n.target in _SHAPE_METHODS or (n.op == "call_function" and n.target is getattr):
         return "shape"
-    if isinstance(m, nn.modules.padding._ConstantPadNd):
+    if isinstance(m, CONSTANT_PAD):
         return "transparent" if keeps_c and m.value == 0 else "other"
     if n.op == "call_function" and n.target is F.pad:
         value = n.kwargs.get("value", n.args[3] if len(n.args) > 3 else None)

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from qfold.fx import BATCH_NORM
 
 __all__ = ["SOURCE_CLASS", "keep_interface"]
 
@@ -86,7 +87,7 @@ def _apply(gm: fx.GraphModule, original: nn.Module, memo: dict | None = None) ->
             continue
         if isinstance(m, fx.GraphModule):
             continue
-        if isinstance(m, _BatchNorm):  # a traced-through BN keeps no BN class (passes look for those), only its name
+        if isinstance(m, BATCH_NORM):  # a traced-through BN keeps no BN class (passes look for those), only its name
             shell.__dict__[SOURCE_CLASS] = type(m).__name__
             continue
         try:

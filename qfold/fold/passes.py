@@ -35,7 +35,6 @@ from collections.abc import Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from qfold.capture import capture_info, trace
@@ -51,7 +50,7 @@ from qfold.fold.sites import (
     _site,
     _Stats,
 )
-from qfold.fx import call_counts, data_users, describe, set_module
+from qfold.fx import BATCH_NORM, call_counts, data_users, describe, set_module
 
 __all__ = ["FoldEntry", "FoldError", "FoldReport", "fold_batchnorm"]
 
@@ -108,7 +107,7 @@ def fold_batchnorm(
 # ----------------------------------------------------------------------------- model checks
 def _check_model(model: nn.Module) -> None:
     for name, m in model.named_modules():
-        if isinstance(m, _BatchNorm) and m.training:
+        if isinstance(m, BATCH_NORM) and m.training:
             raise FoldError(
                 f"BatchNorm '{name or '<root>'}' ({type(m).__name__}) is in training mode: folding uses its "
                 "running statistics, which only eval mode applies. Call model.eval() before fold_batchnorm(model)."
@@ -127,7 +126,7 @@ def _fold_any(
     model: nn.Module, prefix: str, example_inputs: tuple[torch.Tensor, ...] | None
 ) -> tuple[nn.Module, list[tuple[tuple[int, ...], FoldEntry]]]:
     """Fold ``model`` (trace it, making untraceable submodules leaves); entries keyed by graph order."""
-    frozen = {n for n, m in model.named_modules() if n and not isinstance(m, _BatchNorm) and _bn_like(m)}
+    frozen = {n for n, m in model.named_modules() if n and not isinstance(m, BATCH_NORM) and _bn_like(m)}
     leaves: set[str] = set()
     while True:
         try:
@@ -152,7 +151,7 @@ def _fold_any(
     return gm, keyed
 
 
-class _AnyRankBN(_BatchNorm):
+class _AnyRankBN(BATCH_NORM):
     """An eval-mode BatchNorm over dim 1 of any rank: stands in for a frozen BatchNorm before export."""
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -175,7 +174,7 @@ def _export_capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) 
 
     ready = copy.deepcopy(model)
     for name, m in list(ready.named_modules()):
-        if not name or isinstance(m, _BatchNorm) or not _bn_like(m):
+        if not name or isinstance(m, BATCH_NORM) or not _bn_like(m):
             continue
         kids = dict(m.named_children())
         st = _frozen_stats(m, allow_children=bool(kids))
@@ -507,7 +506,7 @@ def _apply(gm: fx.GraphModule, site: _Site, direction: str, layer_node: fx.Node)
             _prune(gm, n.target)
     _prune(gm, site.owner)
     owner = _get(gm, site.owner) if site.owner else None
-    if (isinstance(owner, _BatchNorm) or hasattr(owner, SOURCE_CLASS)) and _only_children_used(gm, site.owner):
+    if (isinstance(owner, BATCH_NORM) or hasattr(owner, SOURCE_CLASS)) and _only_children_used(gm, site.owner):
         _strip_norm(gm, site.owner)  # BatchNormAct2d: its drop/act are still called, its statistics no more
 
 

@@ -17,16 +17,16 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from qfold.capture.keep_attrs import SOURCE_CLASS
 from qfold.errors import FoldError
 from qfold.fold.formulas import bn_affine
+from qfold.fx import BATCH_NORM
 
 __all__ = ["FoldError"]
 
 
-_BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+_BN_FORWARDS = (BATCH_NORM.forward, nn.SyncBatchNorm.forward)
 _FROZEN_ATTRS = ("weight", "bias", "running_mean", "running_var")
 _BATCH_NORM_SIG = inspect.signature(F.batch_norm)
 
@@ -81,7 +81,7 @@ def _frozen_stats(m: nn.Module, *, allow_children: bool = False) -> _Stats | Non
 
     With ``allow_children`` a module with children (a frozen BatchNorm + activation) qualifies too.
     """
-    if isinstance(m, _BatchNorm) or (not allow_children and any(True for _ in m.children())):
+    if isinstance(m, BATCH_NORM) or (not allow_children and any(True for _ in m.children())):
         return None
     ts = [getattr(m, a, None) for a in _FROZEN_ATTRS]
     eps = getattr(m, "eps", None)
@@ -120,7 +120,7 @@ def _norm_act_tail(m: nn.Module) -> FoldedNormAct | None:
     """For a frozen BatchNorm + activation (BN statistics as buffers, children applied after the
     BN in registration order, checked on a probe input): a :class:`FoldedNormAct` of copies of
     its children. None for anything else."""
-    if not any(True for _ in m.children()) or any(isinstance(c, _BatchNorm) for c in m.modules()):
+    if not any(True for _ in m.children()) or any(isinstance(c, BATCH_NORM) for c in m.modules()):
         return None
     st = _frozen_stats(m, allow_children=True)
     if st is None:
@@ -130,7 +130,7 @@ def _norm_act_tail(m: nn.Module) -> FoldedNormAct | None:
 
 
 def _bn_like(m: nn.Module) -> bool:
-    if isinstance(m, _BatchNorm):
+    if isinstance(m, BATCH_NORM):
         return True
     st = _frozen_stats(m)
     return (st is not None and _behaves_like_bn(m, st)) or _norm_act_tail(m) is not None
@@ -144,7 +144,7 @@ def _site(gm: fx.GraphModule, node: fx.Node, prefix: str, frozen: set[str]) -> _
         if not node.args and not node.kwargs:
             return None
         x = node.args[0] if node.args else next(iter(node.kwargs.values()))
-        if isinstance(m, _BatchNorm) and type(m).forward in _BN_FORWARDS:
+        if isinstance(m, BATCH_NORM) and type(m).forward in _BN_FORWARDS:
             if m.training:  # the model was checked, but a GraphModule can be switched back
                 raise FoldError(f"BatchNorm '{name}' is in training mode; call model.eval() before fold_batchnorm(model).")
             if m.running_mean is None or m.running_var is None:
@@ -172,7 +172,7 @@ def _functional_site(gm: fx.GraphModule, node: fx.Node, prefix: str) -> _Site:
     owner = rm.target.rpartition(".")[0] if isinstance(rm, fx.Node) and rm.op == "get_attr" else ""
     name = f"{prefix}{owner}" if owner else f"{prefix}{node.name}"
     owner_m = gm.get_submodule(owner) if owner else None
-    kind = type(owner_m).__name__ if isinstance(owner_m, _BatchNorm) else getattr(owner_m, SOURCE_CLASS, "F.batch_norm")
+    kind = type(owner_m).__name__ if isinstance(owner_m, BATCH_NORM) else getattr(owner_m, SOURCE_CLASS, "F.batch_norm")
     if a["training"] is True:
         raise FoldError(
             f"F.batch_norm in '{name}' runs with training=True: folding uses running statistics, which only "

@@ -14,18 +14,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from calib.spec import scale_from_amax_torch
+from qfold.fx import BATCH_NORM, CONV, CONV_TRANSPOSE
 from qfold.qat import formulas as qat_math
 from qfold.quant.modules import QMAX, QMIN, ActQuant, QuantLayer
 
-_BN = nn.modules.batchnorm._BatchNorm
+_BN = BATCH_NORM
 
 
 def can_pair(conv: nn.Module, bn: nn.Module) -> bool:
     """True when ``bn(conv(x))`` can be trained as one folded layer: a (non-transposed) Conv1/2/3d
     followed by a BatchNorm over its output channels that tracks running statistics."""
     return (
-        isinstance(conv, nn.modules.conv._ConvNd)
-        and not isinstance(conv, nn.modules.conv._ConvTransposeNd)
+        isinstance(conv, CONV)
+        and not isinstance(conv, CONV_TRANSPOSE)
         and isinstance(bn, _BN)
         and bn.track_running_stats
         and bn.running_var is not None

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from calib.spec import scale_from_amax_torch
+from qfold.fx import CONV, CONV_TRANSPOSE
 
 QMIN, QMAX = -128, 127
 
@@ -20,7 +21,7 @@ _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_trans
 
 def weight_axis(layer: nn.Module) -> int:
     """The output-channel axis of a layer's weight: 1 for ConvTranspose, else 0."""
-    return 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
+    return 1 if isinstance(layer, CONV_TRANSPOSE) else 0
 
 
 class ActQuant(nn.Module):
@@ -66,7 +67,7 @@ class QuantLayer(nn.Module):
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
-        if not isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)):
+        if not isinstance(layer, (CONV, nn.Linear)):
             raise TypeError(f"QuantLayer wraps Conv*/ConvTranspose*/Linear, got {type(layer).__name__}")
         self.layer = layer
         self.axis = weight_axis(layer)
@@ -100,7 +101,7 @@ class QuantLayer(nn.Module):
         w = self.quantized_weight() if bool(self.enabled) else layer.weight
         if isinstance(layer, nn.Linear):
             return F.linear(x, w, layer.bias)
-        if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        if isinstance(layer, CONV_TRANSPOSE):
             fn = _CONV_TRANSPOSE[len(layer.kernel_size)]
             return fn(x, w, layer.bias, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
         return layer._conv_forward(x, w, layer.bias)

@@ -28,10 +28,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qfold.fx import is_add
+from qfold.fx import CONV, is_add
 from qfold.quant.modules import weight_axis
 
-QUANT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
+QUANT_LAYER_TYPES: tuple[type[nn.Module], ...] = (CONV, nn.Linear)
 QUANT_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.matmul, operator.matmul, torch.bmm, torch.mm}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 
