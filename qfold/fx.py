@@ -118,6 +118,11 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> str:
     return {"placeholder": f"the model input '{node.target}'", "output": "the model output", "get_attr": f"constant '{node.target}'"}.get(node.op, node.op)
 
 
+def training_batchnorm(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(name, module)`` of the first BatchNorm in training mode (its output depends on the batch), or None."""
+    return next(((n, m) for n, m in model.named_modules() if isinstance(m, BATCH_NORM) and m.training), None)
+
+
 def is_eval(model: nn.Module) -> bool:
     """True when no submodule is in training mode."""
     return not any(m.training for m in model.modules())

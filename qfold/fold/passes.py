@@ -50,7 +50,14 @@ from qfold.fold.sites import (
     _site,
     _Stats,
 )
-from qfold.fx import BATCH_NORM, call_counts, data_users, describe, set_module
+from qfold.fx import (
+    BATCH_NORM,
+    call_counts,
+    data_users,
+    describe,
+    set_module,
+    training_batchnorm,
+)
 
 __all__ = ["FoldEntry", "FoldError", "FoldReport", "fold_batchnorm"]
 
@@ -106,12 +113,12 @@ def fold_batchnorm(
 
 # ----------------------------------------------------------------------------- model checks
 def _check_model(model: nn.Module) -> None:
+    if (bn := training_batchnorm(model)) is not None:
+        raise FoldError(
+            f"BatchNorm '{bn[0] or '<root>'}' ({type(bn[1]).__name__}) is in training mode: folding uses its "
+            "running statistics, which only eval mode applies. Call model.eval() before fold_batchnorm(model)."
+        )
     for name, m in model.named_modules():
-        if isinstance(m, BATCH_NORM) and m.training:
-            raise FoldError(
-                f"BatchNorm '{name or '<root>'}' ({type(m).__name__}) is in training mode: folding uses its "
-                "running statistics, which only eval mode applies. Call model.eval() before fold_batchnorm(model)."
-            )
         lazy = (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)
         if any(isinstance(t, lazy) for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]):
             raise FoldError(

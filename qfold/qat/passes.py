@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,7 +45,7 @@ from qfold.quant.prepare import (
     tie_groups,
 )
 
-__all__ = ["QATConfig", "amax_parameters", "convert", "export", "prepare", "step"]
+__all__ = ["QATConfig", "amax_parameters", "convert", "prepare", "step"]
 
 STEP_BUFFER = "qfold_qat_step"
 _CONFIG_ATTR = "_qfold_qat_config"
@@ -361,18 +360,3 @@ def convert(model: nn.Module) -> fx.GraphModule:
     gm.recompile()
     gm.requires_grad_(False)
     return gm.eval()
-
-
-def export(model: nn.Module, path: str | Path, example_input: torch.Tensor, export_config: Any = None) -> Path:
-    """``convert`` the QAT model and write its Q/DQ ONNX to ``path`` (atomic, deterministic).
-
-    Goes through the same export as PTQ (``qfold.onnx.export.export_onnx``); ``export_config`` is its
-    ``ExportConfig`` (None: the defaults).
-    """
-    converted = convert(model)
-    from qfold.onnx import export as qexport
-
-    if export_config is None:
-        export_config = qexport.ExportConfig()
-    qexport.export_onnx(converted, example_input, path, export_config)
-    return Path(path)

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from qfold.capture import trace
 from qfold.fold.formulas import bn_affine
-from qfold.fx import BATCH_NORM, is_add, module_of, set_module
+from qfold.fx import is_add, module_of, set_module, training_batchnorm
 from qfold.reparam import formulas as rm
 
 # conv type -> (the BatchNorm type that may follow it, spatial rank)
@@ -304,12 +304,11 @@ def _merge(gm: fx.GraphModule, group: list[_Branch], plan: _Plan) -> nn.Module:
 
 
 def _check_eval(gm: fx.GraphModule) -> None:
-    for name, m in gm.named_modules():
-        if isinstance(m, BATCH_NORM) and m.training:
-            raise ValueError(
-                f"BatchNorm '{name}' is in training mode: its output depends on the batch, so its branch is not "
-                "a fixed linear map. Call model.eval() before qfold.reparameterize(model)."
-            )
+    if (bn := training_batchnorm(gm)) is not None:
+        raise ValueError(
+            f"BatchNorm '{bn[0]}' is in training mode: its output depends on the batch, so its branch is not "
+            "a fixed linear map. Call model.eval() before qfold.reparameterize(model)."
+        )
 
 
 def _rewrite_sum(gm: fx.GraphModule, root: fx.Node, merged: list[MergedBlock], left: list[LeftCandidate]) -> None:

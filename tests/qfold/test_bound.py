@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,13 +14,7 @@ from qfold.bound.passes import BoundConfig, bound_relu
 from qfold.errors import BoundError
 from qfold.fold.formulas import bn_affine, fold_affine_after
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class AllForms(nn.Module):

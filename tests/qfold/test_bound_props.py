@@ -2,7 +2,6 @@
 weight rescaling and scale guards (qfold.bound, qfold.bound.formulas)."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from itertools import pairwise
 
 import pytest
@@ -15,13 +14,7 @@ from hypothesis import strategies as st
 from qfold.bound import formulas as bm
 from qfold.bound.passes import bound_relu
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BETWEEN = ("none", "maxpool", "avgpool", "adaptive", "zeropad", "upsample", "flatten")

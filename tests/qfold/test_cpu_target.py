@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fq_models import ResNetish, calibrate
+from onnx_builders import optimized_op_counts
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -150,20 +151,8 @@ def test_portable_rendering_is_bit_identical_and_statically_safe(qdq) -> None:
     risks = int16_pair_sum_risks(s8, "portable")   # the check can fail: full-range s8 weights on AVX2
     assert risks and "> 32767" in risks[0]
     # ORT still fuses every quantized conv into an integer kernel with uint8 weights
-    ops = collections_of(u8)
+    ops = optimized_op_counts(u8)
     assert ops["QLinearConv"] == sum(n.op_type == "Conv" for n in m.graph.node) and ops["Conv"] == 0
-
-
-def collections_of(model: onnx.ModelProto):
-    import collections
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        so.optimized_model_filepath = os.path.join(d, "opt.onnx")
-        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
 
 
 def test_engine_matches_fake_quant_on_this_cpu_with_optimizations_on(qdq) -> None:

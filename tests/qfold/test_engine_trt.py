@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
+from onnx_builders import qdq_conv
 
-from calib.spec import scale_from_amax
 from qfold.engine import trt as T
 from qfold.engine.base import EngineConfig, EngineInfo
 
@@ -24,27 +24,7 @@ def _qdq_conv_model(path: Path | None = None, *, cin: int = 4, cout: int = 8, se
     """x[N,cin,hw,hw] -> Q/DQ -> Conv 3x3 (per-channel Q/DQ weights) -> Relu -> y; dynamic batch, opset 17."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((cout, cin, 3, 3)).astype(np.float32)
-    inits = [
-        numpy_helper.from_array(w, "W"),
-        numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), "B"),
-        numpy_helper.from_array(np.array(scale_from_amax(3.0), np.float32), "sx"),
-        numpy_helper.from_array(np.array(0, np.int8), "zx"),
-        numpy_helper.from_array(scale_from_amax(np.abs(w).reshape(cout, -1).max(1)), "sw"),
-        numpy_helper.from_array(np.zeros(cout, np.int8), "zw"),
-    ]
-    nodes = [
-        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
-        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
-        helper.make_node("QuantizeLinear", ["W", "sw", "zw"], ["wq"], axis=0),
-        helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
-        helper.make_node("Conv", ["xd", "wd", "B"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c"], ["y"]),
-    ]
-    g = helper.make_graph(
-        nodes, "qdq_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, hw, hw])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cout, hw, hw])], inits,
-    )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    m = qdq_conv(w, 3.0, bias=rng.standard_normal(cout).astype(np.float32), relu=True, hw=hw, name="qdq_conv")
     onnx.checker.check_model(m)
     if path is not None:
         onnx.save(m, str(path))

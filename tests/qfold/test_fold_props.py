@@ -82,15 +82,7 @@ def _draw(r: random.Random, seed: int) -> Cfg:
     )  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster than several (and kinder to a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CONFIGS = [_draw(random.Random(1000 + i), 1000 + i) for i in range(N_CONFIGS)]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from onnx_builders import qdq_conv
 from torch import nn
 
 from calib.spec import scale_from_amax
@@ -193,27 +194,7 @@ def test_to_fp16_array_clamps_flushes_and_keeps_scales_positive():
 
 def _single_conv_qdq(w: np.ndarray, x_amax: float, opset: int = 17) -> onnx.ModelProto:
     """x -> Q/DQ -> Conv(W with per-channel Q/DQ) -> y, built with onnx.helper."""
-    cout = w.shape[0]
-    w_scale = scale_from_amax(np.abs(w).reshape(cout, -1).max(1))
-    inits = [
-        numpy_helper.from_array(w.astype(np.float32), "W"),
-        numpy_helper.from_array(np.array(scale_from_amax(x_amax), np.float32), "sx"),
-        numpy_helper.from_array(np.array(0, np.int8), "zx"),
-        numpy_helper.from_array(w_scale, "sw"),
-        numpy_helper.from_array(np.zeros(cout, np.int8), "zw"),
-    ]
-    nodes = [
-        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
-        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
-        helper.make_node("QuantizeLinear", ["W", "sw", "zw"], ["wq"], axis=0),
-        helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
-        helper.make_node("Conv", ["xd", "wd"], ["y"], pads=[1, 1, 1, 1]),
-    ]
-    g = helper.make_graph(
-        nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[1], 6, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cout, 6, 6])], inits,
-    )
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    return qdq_conv(w, x_amax, opset=opset)
 
 
 def test_out_of_range_weights_are_clamped_with_a_warning():

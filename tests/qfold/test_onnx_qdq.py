@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fq_models import ActQ, Mixed, QConv, ResNetish, calibrate
+from onnx_builders import optimized_op_counts
 
 from qfold.engine.ort import ort_max_amax
 from qfold.onnx.export import export_onnx
@@ -249,25 +250,16 @@ def test_int32_bias_and_fused_kernels_stay_within_one_output_step(exported) -> N
     assert np.abs(_ort(r, x.numpy(), optimize=True) - want).max() <= step
 
 
-def _optimized_ops(m: onnx.ModelProto) -> collections.Counter:
-    with tempfile.TemporaryDirectory() as d:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        so.optimized_model_filepath = os.path.join(d, "opt.onnx")
-        ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
-
-
 def test_every_quantized_conv_runs_int8_in_ort(exported) -> None:
     m, _, x = exported["resnet"]
     needed = tensors_needing_amax_for_ort(m)
     assert needed == [n.output[0] for n in m.graph.node if n.name.endswith("conv2/Conv")]
     r = render_for_ort(m, ort_max_amax(m, needed, [x.numpy()]))
     n_conv = sum(n.op_type == "Conv" for n in m.graph.node)
-    ops = _optimized_ops(r)
+    ops = optimized_op_counts(r)
     assert ops["QLinearConv"] == n_conv and ops["QGemm"] == 1 and ops["QLinearAdd"] == 2
     assert ops["Conv"] == ops["FusedConv"] == ops["Gemm"] == 0
-    assert _optimized_ops(m)["QLinearConv"] < n_conv  # the TensorRT profile does not get there alone
+    assert optimized_op_counts(m)["QLinearConv"] < n_conv  # the TensorRT profile does not get there alone
     want = _ort(m, x.numpy())
     assert np.abs(_ort(r, x.numpy(), optimize=True) - want).max() <= 4 * np.abs(want).max() / 127
 
@@ -275,7 +267,7 @@ def test_every_quantized_conv_runs_int8_in_ort(exported) -> None:
 def test_missing_amax_keeps_layers_float_and_unknown_names_error(exported) -> None:
     m, _, x = exported["resnet"]
     r = render_for_ort(m)  # no extra amax: conv2 of each block stays float, still correct
-    assert _optimized_ops(r)["QLinearConv"] < sum(n.op_type == "Conv" for n in m.graph.node)
+    assert optimized_op_counts(r)["QLinearConv"] < sum(n.op_type == "Conv" for n in m.graph.node)
     assert np.abs(_ort(r, x.numpy()) - _ort(m, x.numpy())).max() <= np.abs(_ort(m, x.numpy())).max() / 127
     with pytest.raises(KeyError, match="tensors_needing_amax_for_ort"):
         render_for_ort(m, {"no_such_tensor": 1.0})

@@ -6,6 +6,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx_builders import qdq_conv
 
 from calib.spec import scale_from_amax
 from qfold.onnx.fp16 import convert_float_to_fp16
@@ -14,25 +15,8 @@ from qfold.onnx.trt_rules import check_trt_rules
 
 def _conv_qdq(scale_dtype=np.float32) -> onnx.ModelProto:
     """x -> Q/DQ -> Conv(W: per-channel Q/DQ, axis 0) -> y; scales stored as ``scale_dtype``."""
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
-    inits = [
-        numpy_helper.from_array(w, "W"),
-        numpy_helper.from_array(np.array(scale_from_amax(3.0)).astype(scale_dtype), "sx"),
-        numpy_helper.from_array(np.array(0, np.int8), "zx"),
-        numpy_helper.from_array(scale_from_amax(np.abs(w).reshape(8, -1).max(1)).astype(scale_dtype), "sw"),
-        numpy_helper.from_array(np.zeros(8, np.int8), "zw"),
-    ]
-    nodes = [
-        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
-        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
-        helper.make_node("QuantizeLinear", ["W", "sw", "zw"], ["wq"], axis=0),
-        helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
-        helper.make_node("Conv", ["xd", "wd"], ["y"], pads=[1, 1, 1, 1]),
-    ]
-    g = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 6, 6])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    w = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32)
+    return qdq_conv(w, 3.0, scale_dtype=scale_dtype)
 
 
 def test_fp16_fallback_graph_passes_the_rule_check_and_runs():

@@ -22,6 +22,7 @@ from qfold.qat import formulas as qat_math
 from qfold.qat import (
     passes as qat,  # the package re-exports the public API; tests also read private state
 )
+from qfold.qat.deploy import export as qat_export
 from qfold.qat.modules import ConvBn, QATActQuant, QuantConvBn
 from qfold.quant import plan_quantization, prepare_fake_quant
 from qfold.quant.prepare import act_quantizers, quant_layers, quantization_disabled
@@ -308,7 +309,7 @@ def test_clear_errors(trained):
     with pytest.raises(ValueError, match="before calibration or training"):
         qat.convert(qm)
     with pytest.raises(ValueError, match="before calibration or training"):
-        qat.export(qm, Path(tempfile.gettempdir()) / "never.onnx", torch.rand(1, 1, 8, 8))
+        qat_export(qm, Path(tempfile.gettempdir()) / "never.onnx", torch.rand(1, 1, 8, 8))
     with pytest.raises(RuntimeError, match="no amax yet"):
         qm.eval()(torch.rand(2, 1, 8, 8))
     with pytest.raises(ValueError, match="eval mode"):
@@ -420,8 +421,8 @@ def test_export_runs_in_onnxruntime_within_one_output_step(trained, digits, tmp_
     with torch.no_grad():
         fq = conv(xte)
         torch.testing.assert_close(qm.eval()(xte), fq, rtol=0, atol=1e-5)
-    p1 = qat.export(qm, tmp_path / "a.onnx", xte[:1])
-    p2 = qat.export(qm, tmp_path / "b.onnx", xte[:1])
+    p1 = qat_export(qm, tmp_path / "a.onnx", xte[:1])
+    p2 = qat_export(qm, tmp_path / "b.onnx", xte[:1])
     assert p1.read_bytes() == p2.read_bytes()  # deterministic
     sess = ort.InferenceSession(str(p1), providers=["CPUExecutionProvider"])
     out = sess.run(None, {"input": xte.numpy()})[0]
