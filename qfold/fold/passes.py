@@ -263,7 +263,7 @@ def _fold_graph(
             site = _site(gm, node, prefix, frozen)
             if site is None:
                 continue
-            plan, why, note = _plan(gm, site, calls, read, ranks)
+            plan, why, note = _fold_target(gm, site, calls, read, ranks)
             if plan is None:
                 left[node] = FoldEntry(site.name, site.kind, "left", reason=why)
                 continue
@@ -327,7 +327,7 @@ def _flatten_to_2d(node: fx.Node, ranks: dict[fx.Node, int]) -> bool | None:
     return end == -2 or (rank is not None and end == rank - 2) or (rank is None and end == 1)
 
 
-def _plan(
+def _fold_target(
     gm: fx.GraphModule, site: _Site, calls: Counter, read: set[str], ranks: dict[fx.Node, int]
 ) -> tuple[tuple[str, fx.Node] | None, str, str]:
     """``((direction, layer_node), "", note)`` for a legal fold, else ``(None, reason, "")``."""

@@ -181,7 +181,7 @@ def _spatial_padding(conv: nn.Module) -> tuple[int, ...] | str:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class _MergePlan:
     kernel: tuple[int, ...]
     stride: tuple[int, ...]
     padding: tuple[int, ...]
@@ -191,7 +191,7 @@ class _Plan:
     primary: str  # qualname of the conv that the merged conv replaces
 
 
-def _plan(gm: fx.GraphModule, group: list[_Branch], tree: set[fx.Node]) -> _Plan | str:
+def _merge_plan(gm: fx.GraphModule, group: list[_Branch], tree: set[fx.Node]) -> _MergePlan | str:
     """Geometry of the merged conv, or the reason the group cannot merge."""
     for b in group:
         for n in b.nodes:
@@ -249,7 +249,7 @@ def _plan(gm: fx.GraphModule, group: list[_Branch], tree: set[fx.Node]) -> _Plan
     removed = {n for b in group for n in b.nodes}
     if any(n.op == "call_module" and n.target == primary_name and n not in removed for n in gm.graph.nodes):
         return f"conv '{primary_name}' is also called outside this block (shared weights): it cannot be replaced"
-    return _Plan(
+    return _MergePlan(
         kernel=kernel,
         stride=stride,
         padding=aligned.pop(),
@@ -277,7 +277,7 @@ def _branch_kernel(gm: fx.GraphModule, b: _Branch, channels: int, rank: int) -> 
     return rm.identity_kernel(channels, (1,) * rank, groups=channels, scale=a), c, channels
 
 
-def _merge(gm: fx.GraphModule, group: list[_Branch], plan: _Plan) -> nn.Module:
+def _merge(gm: fx.GraphModule, group: list[_Branch], plan: _MergePlan) -> nn.Module:
     primary = gm.get_submodule(plan.primary)
     rank = len(plan.kernel)
     parts = [_branch_kernel(gm, b, primary.out_channels, rank) for b in group]
@@ -324,7 +324,7 @@ def _rewrite_sum(gm: fx.GraphModule, root: fx.Node, merged: list[MergedBlock], l
         if len(group) < 2 or not any(b.conv is not None for b in group):
             continue
         described = tuple(b.describe(gm) for b in group)
-        plan = _plan(gm, group, tree)
+        plan = _merge_plan(gm, group, tree)
         if isinstance(plan, str):
             left.append(LeftCandidate(root.name, described, plan))
             continue
