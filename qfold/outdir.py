@@ -11,6 +11,9 @@ reports are wanted) is the set moved into place:
 3. the new files are renamed into place and the record is rewritten with the final status.
 
 A failed or interrupted run removes its staging folder and leaves the output folder as it was.
+A run killed outright (SIGKILL, power loss) cannot; its staging folder is named after the host and
+process, and the next run into that folder removes it once that process no longer exists. A staging
+folder kept on purpose (the results of a run whose files clashed with a user's) is marked and kept.
 A file already in the output folder that no qfold run recorded (a user's ``config.toml`` in
 ``--out .``) is never overwritten: :func:`check_out_dir` refuses such a folder before any work.
 
@@ -27,6 +30,7 @@ import fnmatch
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +42,7 @@ from qfold.errors import OutputDirError
 
 RECORD = ".qfold-run.json"
 STAGE_PREFIX = ".qfold-stage-"
+KEPT_MARK = ".qfold-kept"  # inside a staging folder left on purpose: never removed as stale
 
 #: Names qfold may write into an output folder (patterns for fnmatch); a file matching one of these
 #: that no qfold run recorded belongs to the user and makes the folder unusable as output.
@@ -137,6 +142,7 @@ def _commit(run: Run) -> None:
     if clash:  # a user's file appeared while the run worked: keep both, say where the results are
         err = OutputDirError(f"{out} now holds {clash[0]}, which no qfold run wrote; the results were left in {stage}")
         err.keep_stage = True  # type: ignore[attr-defined]
+        (stage / KEPT_MARK).write_text(str(err) + "\n")
         raise err
     record = {"schema": 1, "files": new}
     atomic_write_text(out / RECORD, json.dumps({**record, "status": "moving"}, indent=2) + "\n")
@@ -148,6 +154,31 @@ def _commit(run: Run) -> None:
         (out / f).parent.mkdir(parents=True, exist_ok=True)
         os.replace(stage / f, out / f)
     atomic_write_text(out / RECORD, json.dumps({**record, "status": run.status}, indent=2) + "\n")
+
+
+def _host() -> str:
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_stages(out: Path) -> list[Path]:
+    """Remove staging folders of runs on this host whose process is gone (killed before cleaning up)."""
+    removed = []
+    for stage in out.glob(f"{STAGE_PREFIX}{_host()}-*-*"):
+        pid = stage.name[len(f"{STAGE_PREFIX}{_host()}-"):].split("-", 1)[0]
+        if stage.is_dir() and pid.isdigit() and not (stage / KEPT_MARK).exists() and not _alive(int(pid)):
+            shutil.rmtree(stage, ignore_errors=True)
+            removed.append(stage)
+    return removed
 
 
 @contextmanager
@@ -166,7 +197,8 @@ def owned(out: str | os.PathLike, keep_on: tuple[type[BaseException], ...] = (),
     target = check_out_dir(target, flag)
     created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=target))
+    _remove_stale_stages(target)
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{_host()}-{os.getpid()}-", dir=target))
     _ACTIVE[stage] = target
     run = Run(stage, target)
     try:

@@ -23,7 +23,6 @@ re-measures the real engine.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -126,22 +125,14 @@ class SensitivityReport:
     def save(self, out_dir: str | Path, plot: bool = True) -> list[Path]:
         """Write ``sensitivity.json``, ``sensitivity.md`` and (``plot``) ``sensitivity.png`` atomically."""
         out = Path(out_dir)
-        text = json.dumps(_finite(self.to_dict()), indent=2, sort_keys=True) + "\n"
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"  # +-inf as Infinity, like accuracy.json
         paths = [atomic_write_text(out / "sensitivity.json", text), atomic_write_text(out / "sensitivity.md", self.to_markdown())]
         if plot and self.layers:
             paths.append(_plot(self, out / "sensitivity.png"))
         return paths
 
 
-def _finite(v: Any) -> Any:
-    """JSON has no inf: +-inf SQNR (identical outputs) is written as the string "inf"/"-inf"."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return "inf" if v > 0 else "-inf" if v < 0 else "nan"
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_finite(x) for x in v]
-    return v
+
 
 
 def _plot(report: SensitivityReport, path: Path) -> Path:

@@ -115,7 +115,7 @@ class AccuracyReport:
     def save(self, out_dir: str | Path, stem: str = "accuracy") -> list[Path]:
         """Write ``<stem>.json`` and ``<stem>.md`` atomically; returns the paths."""
         out = Path(out_dir)
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=True) + "\n"
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"  # +-inf SQNR (identical outputs) as Infinity, read back by json.loads
         return [atomic_write_text(out / f"{stem}.json", text), atomic_write_text(out / f"{stem}.md", self.to_markdown())]
 
 

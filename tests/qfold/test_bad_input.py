@@ -512,3 +512,26 @@ def test_read_only_out_is_refused_before_the_work(ws, tmp_path, monkeypatch, cap
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o755)
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path):
+    """SIGKILL leaves a staging folder behind; the next run removes it once its process is gone,
+    and keeps those of live processes and those kept on purpose."""
+    out = tmp_path / "out"
+    with outdir.owned(out) as run:
+        (run.path / "a.txt").write_text("1")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    host = outdir._host()
+    stale = out / f"{outdir.STAGE_PREFIX}{host}-{int(dead.stdout)}-x1"
+    live = out / f"{outdir.STAGE_PREFIX}{host}-{os.getpid()}-x2"
+    kept = out / f"{outdir.STAGE_PREFIX}{host}-{int(dead.stdout)}-x3"
+    other_host = out / f"{outdir.STAGE_PREFIX}otherhost-{int(dead.stdout)}-x4"
+    for d in (stale, live, kept, other_host):
+        d.mkdir()
+        (d / "model_qdq.onnx").write_bytes(b"half-written")
+    (kept / outdir.KEPT_MARK).write_text("kept on purpose\n")
+    with outdir.owned(out) as run:
+        (run.path / "a.txt").write_text("2")
+    assert not stale.exists()
+    assert live.is_dir() and kept.is_dir() and other_host.is_dir()
+    assert (out / "a.txt").read_text() == "2"
