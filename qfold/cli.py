@@ -290,7 +290,11 @@ def _print_self_check(extra: dict) -> None:
     if check is None:
         print("note: no engine self-check ran (no calibration data); pass --calib-data to run it", file=sys.stderr)
     else:
-        print(f"self-check passed: max error {check['max_err_steps']:.2f} output steps vs fake-quant, SQNR {check['sqnr_db']:.2f} dB")
+        print(f"self-check passed: max error {check['max_err_steps']:.2f} output steps vs its portable twin (exact u8 x u8 kernels), SQNR {check['sqnr_db']:.2f} dB")
+        rendering = extra.get("rendering_check")
+        if rendering is not None:
+            print(f"vs the fake-quant model (the Q/DQ ONNX as float ops): max error {rendering['max_err_steps']:.2f} output steps, "
+                  f"SQNR {rendering['sqnr_db']:.2f} dB")
 
 
 def cmd_eval(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -> int:
