@@ -134,7 +134,7 @@ class QuantConvBn(QuantLayer):
         if bool(self.enabled):
             w = _fake_quant_weight(w, self.weight_amax, self.zero_point)
         if self.training and not bool(self.bn_frozen):
-            u = self.layer._conv_forward(x, w, None)
+            u = self.layer._conv_forward(x, w, None)  # private: see qfold.quant.modules.QuantLayer.forward
             z = qat_math.divide_channels(u, qat_math.safe_divisor(sf))
             if self.layer.bias is not None:
                 z = qat_math.add_channel_bias(z, self.layer.bias)

@@ -104,6 +104,9 @@ class QuantLayer(nn.Module):
         if isinstance(layer, CONV_TRANSPOSE):
             fn = _CONV_TRANSPOSE[len(layer.kernel_size)]
             return fn(x, w, layer.bias, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
+        # Conv's own (private) _conv_forward: the module's padding_mode, stride, dilation and groups
+        # with another weight. The public route, torch.func.functional_call, swaps module state on
+        # every call of this hot path; QAT's QuantConvBn uses the same method for the same reason.
         return layer._conv_forward(x, w, layer.bias)
 
     def extra_repr(self) -> str:
