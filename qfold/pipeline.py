@@ -287,14 +287,20 @@ def build_engine_stage(onnx_path: Path, out: Path, config: PTQConfig, calib_x: t
     suffix = {"onnxruntime": ".ort.onnx", "tensorrt": ".plan"}[ecfg.backend]
     engine_path = out / f"engine{suffix}"
     if ecfg.backend == "onnxruntime" and calib_x is not None:
-        from qfold.engine.ort import ort_calibrate
+        from qfold.engine.ort import ort_calibrate_with_outputs
         from qfold.onnx_qdq import tensors_needing_amax_for_ort
 
         qdq = onnx.load(str(onnx_path))
-        data = (b.numpy() for b in batches(calib_x, config.calib.batch_size))
-        extra = ort_calibrate(qdq, tensors_needing_amax_for_ort(qdq), data, "max", num_bins=config.calib.num_bins)
+        data = [b.numpy() for b in batches(calib_x, config.calib.batch_size)]  # views, no copies
         check = [b.numpy() for b in batches(calib_x[:SELF_CHECK_SAMPLES], config.calib.batch_size)]
-        backend.build(onnx_path, engine_path, ecfg, extra_amax=extra, check_data=check)  # self-check (qfold.engine.ort_check)
+        # the self-check's batches are the first calibration batches when the batch size divides
+        # the check's size: then ort_calibrate's run of the Q/DQ graph is also the check's reference
+        same = all(len(a) == len(b) for a, b in zip(check, data))
+        extra, outs = ort_calibrate_with_outputs(qdq, tensors_needing_amax_for_ort(qdq), iter(data), "max",
+                                                 num_bins=config.calib.num_bins, keep=len(check) if same else 0)
+        ref = outs if outs and same else None
+        backend.build(onnx_path, engine_path, ecfg, extra_amax=extra, check_data=check,  # self-check (qfold.engine.ort_check)
+                      check_reference=ref)
     else:
         backend.build(onnx_path, engine_path, ecfg)
     return backend.load(engine_path, dataclasses.replace(ecfg, cpu_target="auto"))  # evaluate what this CPU computes
