@@ -5,6 +5,7 @@ model (they are the stages the accuracy report compares) and writes the artifact
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import warnings
@@ -83,18 +84,29 @@ def fold_stage(model: nn.Module, config: PTQConfig, example: torch.Tensor | None
     return folded, reports
 
 
-def bound_stage(folded: nn.Module, calib_x: torch.Tensor, config: PTQConfig) -> tuple[nn.Module, Any]:
-    """ReLU -> ReLU6 in the configured mode (or nothing with mode "off")."""
+def bound_stage(folded: nn.Module, calib_x: torch.Tensor, config: PTQConfig, *, defer_report: bool = False) -> tuple[nn.Module, Any]:
+    """ReLU -> ReLU6 in the configured mode (or nothing with mode "off").
+
+    ``defer_report``: return a :class:`qfold.bound.PendingReport` instead of the report, completed
+    by :func:`calibrate_stage`'s pass over the same data (``bound_report=``): one pass fewer.
+    """
     if config.bound.mode == "off":
         return folded, None
-    from qfold.bound import bound_relu
+    from qfold.bound import BoundConfig, bound_relu, bound_relu_deferred
 
     data = list(batches(calib_x, config.calib.batch_size))
+    if defer_report:
+        return bound_relu_deferred(folded, data, config=BoundConfig(mode=config.bound.mode, quantile=config.bound.quantile))
     return bound_relu(folded, data, mode=config.bound.mode, quantile=config.bound.quantile)
 
 
-def calibrate_stage(model: nn.Module, calib_x: torch.Tensor, config: PTQConfig) -> tuple[fx.GraphModule, QuantPlan, calib.CalibResult]:
-    """Plan Q/DQ, insert quantizers, observe the float network and set every amax."""
+def calibrate_stage(model: nn.Module, calib_x: torch.Tensor, config: PTQConfig, *,
+                    bound_report: Any = None) -> tuple[fx.GraphModule, QuantPlan, calib.CalibResult]:
+    """Plan Q/DQ, insert quantizers, observe the float network and set every amax.
+
+    ``bound_report``: the :class:`qfold.bound.PendingReport` of ``bound_stage(..., defer_report=True)``
+    for ``model``; the calibration pass (the bounded model, quantizers off) completes it.
+    """
     gm = model if isinstance(model, fx.GraphModule) else trace(model, example_inputs=calib_x[: config.calib.batch_size])
     plan = plan_quantization(gm, config.export.keep_float)
     fq = prepare_fake_quant(gm, plan)
@@ -102,7 +114,8 @@ def calibrate_stage(model: nn.Module, calib_x: torch.Tensor, config: PTQConfig) 
         raise ValueError("nothing to quantize: the model has no Conv/ConvTranspose/Linear layer outside keep_float")
     method = calib.CalibMethod(config.calib.method, percentile=config.calib.percentile)
     names = [quantizer_name(k) for k in sorted(plan.points)]
-    with quantization_disabled(fq):
+    watch = bound_report.observe(fq) if bound_report is not None else contextlib.nullcontext()
+    with quantization_disabled(fq), watch:
         result = calib.calibrate(
             fq, batches(calib_x, config.calib.batch_size), names, method=method,
             progress=config.progress, num_bins=config.calib.num_bins,
@@ -211,14 +224,15 @@ def _run_ptq_into(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor 
     eval_x = calib_x if eval_x is None else eval_x
 
     folded, reports = fold_stage(model, config, calib_x[:2])
-    bounded, reports["bound"] = bound_stage(folded, calib_x, config)
+    bounded, pending = bound_stage(folded, calib_x, config, defer_report=True)
     fallback = None
     if config.eval.fallback == "auto":  # find the layers to keep float so the engine meets the budget
         from qfold.fallback import search_fallback, with_float_layers
 
         fallback = search_fallback(model, bounded, calib_x, eval_x, eval_y, config)
         config = with_float_layers(config, fallback.float_layers)
-    fq, plan, cres = calibrate_stage(bounded, calib_x, config)
+    fq, plan, cres = calibrate_stage(bounded, calib_x, config, bound_report=pending)
+    reports["bound"] = None if pending is None else pending.report()
     if fallback is not None:
         plan.float_layers.update({n: f"fallback search, {why}" for n, why in fallback.reasons.items()})
     amax = {k: float(q.amax) for k, q in act_quantizers(fq).items()}

@@ -101,9 +101,10 @@ def worker(tool: str, model: str, n: int, n_eval: int, workdir: Path) -> dict:
         t0 = time.perf_counter()
         folded, reports = pl.fold_stage(net, cfg, cx[:2])
         t_fold = time.perf_counter()
-        bounded, reports["bound"] = pl.bound_stage(folded, cx, cfg)
+        bounded, pending = pl.bound_stage(folded, cx, cfg, defer_report=True)  # as run_ptq: calibration completes the report
         t_bound = time.perf_counter()
-        fq, plan, cres = pl.calibrate_stage(bounded, cx, cfg)
+        fq, plan, cres = pl.calibrate_stage(bounded, cx, cfg, bound_report=pending)
+        reports["bound"] = pending.report()
         t_cal = time.perf_counter()
         amax = {k: float(q.amax) for k, q in pl.act_quantizers(fq).items()}
         r = pl.PTQResult(folded, bounded, fq, plan, amax, reports)
