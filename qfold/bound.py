@@ -172,12 +172,12 @@ class _Watch(fx.Interpreter):
 
 @contextmanager
 def _eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Eval mode and no_grad inside the block; every module's training flag restored after."""
+    """Eval mode and inference mode inside the block; every module's training flag restored after."""
     flags = [(m, m.training) for model in models for m in model.modules()]
     try:
         for model in models:
             model.eval()
-        with torch.no_grad():
+        with torch.inference_mode():
             yield
     finally:
         for m, f in flags:
@@ -398,7 +398,7 @@ class _Reference:
 
     def counter(self, s: str):
         def fn(x: torch.Tensor) -> None:
-            self.over[s] += int((x > bm.RELU6_CAP).sum())
+            self.over[s] += int(torch.count_nonzero(x > bm.RELU6_CAP))
             self.total[s] += x.numel()
         return fn
 
@@ -421,7 +421,7 @@ def _measure(gm, bgm, batches, sites, new_names, fp32: _Reference | None = None)
 
     def count_clip(s: str):
         def fn(x: torch.Tensor) -> None:
-            clip[s] += int((x > bm.RELU6_CAP).sum())
+            clip[s] += int(torch.count_nonzero(x > bm.RELU6_CAP))
         return fn
 
     if not sites:  # nothing rewritten but existing ReLU6 forms: the same function, exactly
@@ -529,7 +529,7 @@ class PendingReport:
                 if k >= len(sites):
                     raise BoundError(f"module {t} ran more often than the bounded graph calls it; observe the bounded model itself")
                 seen[t] = k + 1
-                clip[sites[k]] += int((args[0] > bm.RELU6_CAP).sum())
+                clip[sites[k]] += int(torch.count_nonzero(args[0] > bm.RELU6_CAP))
             return pre
 
         def end(_m: nn.Module, args: tuple, out: object) -> None:

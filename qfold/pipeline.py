@@ -115,7 +115,7 @@ def calibrate_stage(model: nn.Module, calib_x: torch.Tensor, config: PTQConfig, 
     method = calib.CalibMethod(config.calib.method, percentile=config.calib.percentile)
     names = [quantizer_name(k) for k in sorted(plan.points)]
     watch = bound_report.observe(fq) if bound_report is not None else contextlib.nullcontext()
-    with quantization_disabled(fq), watch:
+    with quantization_disabled(fq), watch, torch.inference_mode():
         result = calib.calibrate(
             fq, batches(calib_x, config.calib.batch_size), names, method=method,
             progress=config.progress, num_bins=config.calib.num_bins,
