@@ -158,7 +158,8 @@ class _OutputEnergy:
 
     def hook_ref(self, name: str):
         def fn(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
-            self.ref[name].append(out.detach().double())
+            ref = out.detach().double()
+            self.ref[name].append(ref.clone() if ref.data_ptr() == out.data_ptr() else ref)  # a copy: hook_test overwrites it
 
         return fn
 
@@ -166,9 +167,14 @@ class _OutputEnergy:
         def fn(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
             if not self.ref[name]:
                 raise RuntimeError(f"layer {name!r} ran more often in the fake-quant model than in the float model")
-            ref = self.ref[name].pop(0)
-            self.signal[name] += float((ref**2).sum())
-            self.noise[name] += float(((ref - out.detach().double()) ** 2).sum())
+            ref = self.ref[name].pop(0)  # this module's own float64 copy, free to overwrite
+            diff = out.detach().double()
+            if diff.data_ptr() == out.data_ptr():  # already float64: .double() returned the output itself
+                diff = diff.clone()
+            # in place, no temporaries: (out - ref)^2 == (ref - out)^2 bit for bit (negation is exact),
+            # and x*x is what x**2 computes; the sums reduce the same shapes in the same order
+            self.noise[name] += float(diff.sub_(ref).mul_(diff).sum())
+            self.signal[name] += float(ref.mul_(ref).sum())
 
         return fn
 
