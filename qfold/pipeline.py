@@ -224,6 +224,8 @@ def _run_ptq_into(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor 
     eval_x = calib_x if eval_x is None else eval_x
 
     folded, reports = fold_stage(model, config, calib_x[:2])
+    if config.channels_last:  # every later stage model copies this one, so they all run channels-last
+        folded = channels_last(folded)
     bounded, pending = bound_stage(folded, calib_x, config, defer_report=True)
     fallback = None
     if config.eval.fallback == "auto":  # find the layers to keep float so the engine meets the budget
@@ -281,6 +283,17 @@ def _run_ptq_into(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor 
             res.accuracy,
         )
     return res
+
+
+def channels_last(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose 4-D parameters and buffers are channels-last (``config.channels_last``).
+
+    Convolutions with channels-last weights give channels-last outputs from NCHW inputs too, so
+    the data need not be converted. A copy, because ``Module.to`` re-lays shared Parameters in
+    place (a folded model may share layers with the user's)."""
+    import copy
+
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 
 def build_engine_stage(onnx_path: Path, out: Path, config: PTQConfig, calib_x: torch.Tensor | None = None):
@@ -341,7 +354,7 @@ def evaluate_stages(model: nn.Module, res: PTQResult, engine: Any, x: torch.Tens
     """
     bs, prog = config.eval.batch_size, config.progress
     n = x.shape[0] if config.eval.stage_samples is None else min(config.eval.stage_samples, x.shape[0])
-    ref = ev.run_logits(model, x, bs, prog, "FP32")
+    ref = ev.run_logits(channels_last(model) if config.channels_last else model, x, bs, prog, "FP32")
     report = ev.AccuracyReport(reference=ev.reference_metrics(ref, y))
     ys = None if y is None else y[:n]
     has_bound = res.bounded is not res.folded

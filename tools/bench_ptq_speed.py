@@ -9,7 +9,7 @@ Each (tool, model, image count) runs in its own worker process
 (``--worker TOOL --model NAME --n N --workdir DIR``); the workers of one model run one after the
 other, interleaved, so they see the same machine load. Reported per worker:
 
-- qfold: ``calib_s`` = fold, bound, calibrate, calibration table, Q/DQ export and the ORT engine
+- qfold (qfold-cl: with ``PTQConfig.channels_last``): ``calib_s`` = fold, bound, calibrate, calibration table, Q/DQ export and the ORT engine
   build (everything ``run_ptq`` does before the stage report), ``report_s`` = the stage report
   (``evaluate_stages``) on the eval images, ``peak_rss_mib`` after each part, and the forward passes
   over the data per stage.
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-TOOLS = ("qfold", "ort-minmax", "ort-entropy", "torchao")
+TOOLS = ("qfold", "qfold-cl", "ort-minmax", "ort-entropy", "torchao")
 
 
 def _rss_mib() -> float:
@@ -92,14 +92,16 @@ def worker(tool: str, model: str, n: int, n_eval: int, workdir: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     base = _rss_mib()
     res: dict = {"tool": tool, "model": model, "n": n, "n_eval": n_eval, "threads": torch.get_num_threads(), "rss_base_mib": base}
-    if tool == "qfold":
+    if tool in ("qfold", "qfold-cl"):
         from qfold import pipeline as pl
         from qfold.config import PTQConfig
 
-        cfg = PTQConfig(progress=False).replace(eval={"plots": False})
+        cfg = PTQConfig(progress=False, channels_last=tool == "qfold-cl").replace(eval={"plots": False})
         cx, ex = torch.from_numpy(calib), torch.from_numpy(ev)
         t0 = time.perf_counter()
         folded, reports = pl.fold_stage(net, cfg, cx[:2])
+        if cfg.channels_last:  # as run_ptq does
+            folded = pl.channels_last(folded)
         t_fold = time.perf_counter()
         bounded, pending = pl.bound_stage(folded, cx, cfg, defer_report=True)  # as run_ptq: calibration completes the report
         t_bound = time.perf_counter()
@@ -231,8 +233,8 @@ def main() -> None:
 def summary(rows: list[dict]) -> str:
     """Markdown: per model and image count, each tool's seconds and qfold's ratios."""
     by = {(r["model"], r["n"], r["tool"]): r for r in rows if "error" not in r}
-    lines = ["| model | images | qfold calib s | ORT MinMax s | ORT Entropy s | torch.ao s | qfold / MinMax | Entropy / qfold | qfold report s | ORT eval pass s | qfold total / 2(MinMax+eval) | qfold calib rise MiB | MinMax rise MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | images | qfold calib s | ORT MinMax s | ORT Entropy s | torch.ao s | qfold / MinMax | Entropy / qfold | qfold report s | ORT eval pass s | qfold total / 2(MinMax+eval) | qfold calib rise MiB | MinMax rise MiB | qfold-cl calib s | qfold-cl report s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, n in sorted({(m, n) for m, n, _ in by}):
         g = lambda t, k: by.get((model, n, t), {}).get(k)  # noqa: E731
         f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
@@ -241,7 +243,8 @@ def summary(rows: list[dict]) -> str:
         total = None if None in (q, rep, mm, evs) else (q + rep) / (2 * (mm + evs))
         lines.append(f"| {model} | {n} | {f(q)} | {f(mm)} | {f(en)} | {f(g('torchao', 'calib_s'))} | "
                      f"{'-' if None in (q, mm) else f'{q / mm:.2f}'} | {'-' if None in (q, en) else f'{en / q:.2f}'} | "
-                     f"{f(rep)} | {f(evs)} | {'-' if total is None else f'{total:.2f}'} | {f(g('qfold', 'calib_rise_mib'))} | {f(g('ort-minmax', 'calib_rise_mib'))} |")
+                     f"{f(rep)} | {f(evs)} | {'-' if total is None else f'{total:.2f}'} | {f(g('qfold', 'calib_rise_mib'))} | {f(g('ort-minmax', 'calib_rise_mib'))} | "
+                     f"{f(g('qfold-cl', 'calib_s'))} | {f(g('qfold-cl', 'report_s'))} |")
     return "\n".join(lines)
 
 

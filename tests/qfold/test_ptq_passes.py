@@ -1,6 +1,7 @@
 """Fewer passes over the data (issue 17): the same numbers as running every model separately."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -261,3 +262,25 @@ def test_engine_check_reuses_the_calibration_run_of_the_qdq_graph(tmp_path) -> N
     assert meta[0] == meta[1] and meta[0]["extra"]["rendering_check"]["samples"] == 32
     with pytest.raises(ValueError, match="do not match the check batches"):
         b.build(path, tmp_path / "c.onnx", extra_amax=amax, check_data=data, check_reference=outs)
+
+
+def test_channels_last_runs_change_only_rounding(tmp_path) -> None:
+    """config.channels_last: the same quantization up to float32 summation order; the user's model untouched."""
+    torch.manual_seed(0)
+    model = randomize_bn(ResNetStyle()).eval()
+    before = {k: (v.clone(), v.stride()) for k, v in model.state_dict().items()}
+    cx = torch.randn(32, 3, 12, 12)
+    cfg = PTQConfig(progress=False).replace(calib={"batch_size": 16}, eval={"plots": False, "batch_size": 16})
+    ref = run_ptq(model, cx, config=cfg, out_dir=tmp_path / "a")
+    cl = run_ptq(model, cx, config=dataclasses.replace(cfg, channels_last=True), out_dir=tmp_path / "b")
+    assert all(torch.equal(v, before[k][0]) and v.stride() == before[k][1] for k, v in model.state_dict().items())
+    convs = [m for m in cl.fake_quant.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert ref.amax.keys() == cl.amax.keys()
+    assert all(cl.amax[k] == pytest.approx(v, rel=1e-5) for k, v in ref.amax.items())
+    for stage in ("fake_quant", "engine"):
+        assert cl.accuracy.stages[stage].sqnr_db == pytest.approx(ref.accuracy.stages[stage].sqnr_db, abs=0.05)
+    # nothing clipped here: both bound reports measure float32 rounding only (> 100 dB), in different orders
+    assert min(cl.reports["bound"].output_sqnr_db, ref.reports["bound"].output_sqnr_db) > 100
+    assert cl.reports["bound"].sites == ref.reports["bound"].sites or all(
+        a.name == b.name and a.caps == pytest.approx(b.caps, rel=1e-5) for a, b in zip(cl.reports["bound"].sites, ref.reports["bound"].sites))
