@@ -284,3 +284,20 @@ def test_channels_last_runs_change_only_rounding(tmp_path) -> None:
     assert min(cl.reports["bound"].output_sqnr_db, ref.reports["bound"].output_sqnr_db) > 100
     assert cl.reports["bound"].sites == ref.reports["bound"].sites or all(
         a.name == b.name and a.caps == pytest.approx(b.caps, rel=1e-5) for a, b in zip(cl.reports["bound"].sites, ref.reports["bound"].sites))
+
+
+def test_histograms_of_a_channels_last_tensor_equal_the_contiguous_ones() -> None:
+    """Both histograms flatten in memory order (a view for channels-last): the same counts."""
+    from calib.observer import HistogramObserver
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, 9, 7, generator=g) * torch.logspace(-2, 2, 6).view(1, 6, 1, 1)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    assert not xc.is_contiguous()
+    a, b = HistogramObserver(2048), HistogramObserver(2048)
+    a.update(x)
+    b.update(xc)
+    assert np.array_equal(a.histogram.counts, b.histogram.counts) and a.histogram.amax == b.histogram.amax
+    h1 = bm.hist_update(bm.hist_empty(6, 256), x, axis=1)
+    h2 = bm.hist_update(bm.hist_empty(6, 256), xc, axis=1)
+    assert torch.equal(h1.counts, h2.counts) and torch.equal(h1.maxv, h2.maxv) and int(h1.counts.sum()) == x.numel()
