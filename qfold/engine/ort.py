@@ -157,7 +157,7 @@ def ort_calibrate_with_outputs(model: onnx.ModelProto, tensors: Iterable[str], b
         for n, v in zip(names, got):
             observers[n].update(torch.from_numpy(np.asarray(v)))
         if i < keep:
-            outputs.append(np.asarray(got[-1], dtype=np.float32))
+            outputs.append(np.array(got[-1], dtype=np.float32, copy=True))  # a copy: a view keeps the session's buffers alive
     parsed = CalibMethod.parse(method)
     return {n: o.compute_amax(parsed) for n, o in observers.items()}, outputs
 
