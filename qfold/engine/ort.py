@@ -263,7 +263,7 @@ class OrtBackend:
         must match its portable twin (:meth:`OrtEngine.check`), else :class:`EngineCheckError` and
         nothing is written; its deviation from the Q/DQ ONNX (fake-quant) is recorded and warned.
         ``check_reference``: the Q/DQ ONNX's first output on each ``check_data`` batch when already
-        computed (``ort_calibrate(..., outputs=...)`` on the same batches), saving that run.
+        computed (:func:`ort_calibrate_with_outputs` on the same batches), saving that run.
         """
         ort = _ort()
         config, rendering = config or EngineConfig(), rendering or OrtRendering()
