@@ -146,6 +146,7 @@ def ort_calibrate_with_outputs(model: onnx.ModelProto, tensors: Iterable[str], b
     m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in have)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.enable_cpu_mem_arena = False  # the arena grows with every batch's fetched tensors and never shrinks
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     in_name = sess.get_inputs()[0].name
     first = sess.get_outputs()[0].name
