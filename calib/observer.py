@@ -35,6 +35,14 @@ def weight_amax(w: torch.Tensor, axis: int) -> torch.Tensor:
     return flat.abs().amax(dim=1).float()
 
 
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """The values of ``x`` as a 1-D tensor in memory order: a view for any dense layout (e.g.
+    channels-last), where ``reshape(-1)`` would copy. Counts and extremes do not depend on order."""
+    if not x.is_contiguous():
+        x = x.permute(sorted(range(x.ndim), key=lambda d: -x.stride(d)))
+    return x.reshape(-1)
+
+
 class HistogramObserver:
     """Collects the |x| histogram of one tensor, batch after batch, in bounded memory.
 
@@ -75,7 +83,8 @@ class HistogramObserver:
             return
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()  # exact for float16 / bfloat16 / small integers
-        lo, hi = torch.aminmax(x.reshape(-1))  # one pass; NaN propagates
+        x = _flat(x)
+        lo, hi = torch.aminmax(x)  # one pass; NaN propagates
         m = max(-float(lo), float(hi))
         if not math.isfinite(m):
             what = "NaN" if bool(torch.isnan(x).any()) else "Inf"
@@ -87,7 +96,7 @@ class HistogramObserver:
         else:
             # x * 2**-e is exact and |x * 2**-e| < num_bins, so |trunc(x * 2**-e)| is the bin index
             itype = torch.int16 if self.num_bins <= 32767 else torch.int32
-            idx = (x.reshape(-1) * math.ldexp(1.0, -e)).to(itype).abs_()
+            idx = (x * math.ldexp(1.0, -e)).to(itype).abs_()
             counts = torch.bincount(idx, minlength=self.num_bins).cpu().numpy()
         self._hist = self._hist.add_counts(counts, e, m, x.numel())
 

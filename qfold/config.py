@@ -209,7 +209,13 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class PTQConfig:
-    """The whole post-training-quantization run."""
+    """The whole post-training-quantization run.
+
+    ``channels_last``: run qfold's own PyTorch passes (the bound's statistics, calibration, the
+    stage report) on channels-last copies of the models: 1.4x (resnet18) to 2.2x (mobilenet_v2,
+    depthwise convs) faster forwards on x86 CPUs, but convolutions then sum in another order, so
+    amax values and report numbers move in the last float32 digits (BENCHMARKS.md, issue 17).
+    """
 
     fold: FoldConfig = field(default_factory=FoldConfig)
     bound: BoundConfig = field(default_factory=BoundConfig)
@@ -218,6 +224,7 @@ class PTQConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     progress: bool = True
+    channels_last: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists), the form written to manifests and TOML."""

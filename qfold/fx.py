@@ -130,12 +130,12 @@ def is_eval(model: nn.Module) -> bool:
 
 @contextmanager
 def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Eval mode and no_grad inside the block; every module's training flag restored after."""
+    """Eval mode and inference mode inside the block; every module's training flag restored after."""
     flags = [(m, m.training) for model in models for m in model.modules()]
     try:
         for model in models:
             model.eval()
-        with torch.no_grad():
+        with torch.inference_mode():
             yield
     finally:
         for m, f in flags:
@@ -151,3 +151,15 @@ def tensor_leaves(obj: object) -> list[torch.Tensor]:
     if isinstance(obj, dict):
         return [t for o in obj.values() for t in tensor_leaves(o)]
     return []
+
+
+def channels_last(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose 4-D parameters and buffers are channels-last (``PTQConfig.channels_last``).
+
+    Convolutions with channels-last weights give channels-last outputs from NCHW inputs too, so
+    the data need not be converted. A copy, because ``Module.to`` re-lays shared Parameters in
+    place (a folded model may share layers with the user's).
+    """
+    import copy
+
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)

@@ -18,11 +18,13 @@ import torch.nn as nn
 
 import calib
 from calib.atomic import atomic_write_text
-from qfold.bound import bound_relu
+from qfold.bound import bound_relu, bound_relu_deferred
+from qfold.budget.fallback import budget_artifacts, plan_fallback
 from qfold.config import PTQConfig
 from qfold.engine import get_backend, require_backend
 from qfold.errors import QualityGateError
 from qfold.fold import fold_batchnorm
+from qfold.fx import channels_last
 from qfold.inputs.sources import batches
 from qfold.inputs.validate import check_ptq_inputs
 from qfold.onnx import export_onnx
@@ -59,15 +61,17 @@ def fold_stage(model: nn.Module, config: PTQConfig, example: torch.Tensor | None
     return folded, reports
 
 
-def bound_stage(folded: nn.Module, calib_x: torch.Tensor, config: PTQConfig) -> tuple[nn.Module, Any]:
-    """ReLU -> ReLU6 in the configured mode (or nothing with mode "off")."""
-    off = config.bound.mode == "off"
-    return (folded, None) if off else bound_relu(folded, list(batches(calib_x, config.calib.batch_size)), config=config.bound)
+def bound_stage(folded: nn.Module, calib_x: torch.Tensor, config: PTQConfig, *, defer_report: bool = False) -> tuple[nn.Module, Any]:
+    """ReLU -> ReLU6 (nothing with mode "off"); ``defer_report``: a pending report :func:`calibrate_stage` completes."""
+    bound = bound_relu_deferred if defer_report else bound_relu
+    return (folded, None) if config.bound.mode == "off" else bound(folded, list(batches(calib_x, config.calib.batch_size)), config=config.bound)
 
 
-def calibrate_stage(model: nn.Module, calib_x: torch.Tensor, config: PTQConfig) -> tuple[fx.GraphModule, QuantPlan, calib.CalibResult]:
-    """Plan Q/DQ, insert quantizers, observe the float network and set every amax (:mod:`qfold.quant.calibrate`)."""
-    return calibrate_model(model, calib_x, config.calib, config.export.keep_float, progress=config.progress)
+def calibrate_stage(model: nn.Module, calib_x: torch.Tensor, config: PTQConfig, *,
+                    bound_report: Any = None) -> tuple[fx.GraphModule, QuantPlan, calib.CalibResult]:
+    """Plan Q/DQ, insert quantizers, observe the float network, set every amax; the pass completes ``bound_report``."""
+    watch = None if bound_report is None else bound_report.observe
+    return calibrate_model(model, calib_x, config.calib, config.export.keep_float, progress=config.progress, watch=watch)
 
 
 def export_stage(fq: fx.GraphModule, example: torch.Tensor, out_dir: Path, config: PTQConfig,
@@ -115,14 +119,11 @@ def run_ptq(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor | None
 def _run_ptq_into(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor, eval_y: torch.Tensor | None,
                   config: PTQConfig, out: Path) -> PTQResult:
     folded, reports = fold_stage(model, config, calib_x[:2])
-    bounded, reports["bound"] = bound_stage(folded, calib_x, config)
-    fallback = None
-    if config.eval.fallback == "auto":  # the layers to keep float so the engine meets the budget
-        from qfold.budget.fallback import search_fallback, with_float_layers
-
-        fallback = search_fallback(model, bounded, calib_x, eval_x, eval_y, config)
-        config = with_float_layers(config, fallback.float_layers)
-    fq, plan, cres = calibrate_stage(bounded, calib_x, config)
+    folded = channels_last(folded) if config.channels_last else folded  # later stages copy it: all channels-last
+    bounded, pending = bound_stage(folded, calib_x, config, defer_report=True)
+    fallback, config = plan_fallback(model, bounded, calib_x, eval_x, eval_y, config)  # eval.fallback "auto": float layers
+    fq, plan, cres = calibrate_stage(bounded, calib_x, config, bound_report=pending)
+    reports["bound"] = None if pending is None else pending.report()
     if fallback is not None:
         plan.float_layers.update({n: f"fallback search, {why}" for n, why in fallback.reasons.items()})
     res = PTQResult(folded, bounded, fq, plan, {k: float(q.amax) for k, q in act_quantizers(fq).items()}, reports)
@@ -140,8 +141,6 @@ def _run_ptq_into(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor,
     if config.eval.plots:
         art.update({p.name: p for p in ev.save_plots(res.accuracy, ev.input_histograms(res, cres), out)})
     if fallback is not None or config.eval.sensitivity:
-        from qfold.budget.fallback import budget_artifacts
-
         art.update({p.name: p for p in budget_artifacts(fallback, res, config, out, eval_x, eval_y, model)})
     data = {k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in res.reports.items() if v is not None}
     art["reports"] = atomic_write_text(out / "reports.json", json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

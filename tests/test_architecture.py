@@ -146,7 +146,7 @@ def test_every_exception_is_defined_in_the_errors_modules():
 #: that needs it and say why; a package that outgrows its budget is a package to split.
 LINE_BUDGET = {
     "qfold (top-level modules)": 1700,
-    "qfold/bound": 1000,
+    "qfold/bound": 1150,  # 1000 until issue 17: the deferred bound report (calibration completes it)
     "qfold/budget": 750,
     "qfold/capture": 520,
     "qfold/engine": 1850,

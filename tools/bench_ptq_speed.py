@@ -2,6 +2,7 @@
 
     python tools/bench_ptq_speed.py                                   # resnet18 resnet50 mobilenetv2, 512 images
     python tools/bench_ptq_speed.py --models resnet18 --calib 64 --eval 128 --growth 128 256 512 1024
+    python tools/bench_ptq_speed.py --models resnet18 --calib 64 --eval 64 --growth --repeat 4 --baseline /tmp/qfold-before
 
 Every tool sees the same FP32 model (torchvision-style architectures from ``ptq_speed_models``,
 seeded random weights, BatchNorm statistics from image-like data) and the same 224x224 images.
@@ -9,7 +10,7 @@ Each (tool, model, image count) runs in its own worker process
 (``--worker TOOL --model NAME --n N --workdir DIR``); the workers of one model run one after the
 other, interleaved, so they see the same machine load. Reported per worker:
 
-- qfold: ``calib_s`` = fold, bound, calibrate, calibration table, Q/DQ export and the ORT engine
+- qfold (qfold-cl: with ``PTQConfig.channels_last``): ``calib_s`` = fold, bound, calibrate, calibration table, Q/DQ export and the ORT engine
   build (everything ``run_ptq`` does before the stage report), ``report_s`` = the stage report
   (``evaluate_stages``) on the eval images, ``peak_rss_mib`` after each part, and the forward passes
   over the data per stage.
@@ -39,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-TOOLS = ("qfold", "ort-minmax", "ort-entropy", "torchao")
+TOOLS = ("qfold", "qfold-cl", "ort-minmax", "ort-entropy", "torchao")
 
 
 def _rss_mib() -> float:
@@ -90,21 +91,25 @@ def worker(tool: str, model: str, n: int, n_eval: int, workdir: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     base = _rss_mib()
     res: dict = {"tool": tool, "model": model, "n": n, "n_eval": n_eval, "threads": torch.get_num_threads(), "rss_base_mib": base}
-    if tool == "qfold":
+    if tool in ("qfold", "qfold-cl"):
         from qfold import pipeline as pl
         from qfold.config import PTQConfig
+        from qfold.fx import channels_last
         from qfold.quant.calibrate import calibration_table
         from qfold.quant.prepare import act_quantizers
         from qfold.report.stages import evaluate_stages
 
-        cfg = PTQConfig(progress=False).replace(eval={"plots": False})
+        cfg = PTQConfig(progress=False, channels_last=tool == "qfold-cl").replace(eval={"plots": False})
         cx, ex = torch.from_numpy(calib), torch.from_numpy(ev)
         t0 = time.perf_counter()
         folded, reports = pl.fold_stage(net, cfg, cx[:2])
+        if cfg.channels_last:  # as run_ptq does
+            folded = channels_last(folded)
         t_fold = time.perf_counter()
-        bounded, reports["bound"] = pl.bound_stage(folded, cx, cfg)
+        bounded, pending = pl.bound_stage(folded, cx, cfg, defer_report=True)  # as run_ptq: calibration completes the report
         t_bound = time.perf_counter()
-        fq, plan, cres = pl.calibrate_stage(bounded, cx, cfg)
+        fq, plan, cres = pl.calibrate_stage(bounded, cx, cfg, bound_report=pending)
+        reports["bound"] = pending.report()
         t_cal = time.perf_counter()
         amax = {k: float(q.amax) for k, q in act_quantizers(fq).items()}
         r = pl.PTQResult(folded, bounded, fq, plan, amax, reports)
@@ -173,16 +178,20 @@ def worker(tool: str, model: str, n: int, n_eval: int, workdir: Path) -> dict:
     return res
 
 
-def run_worker(tool: str, model: str, n: int, n_eval: int, workdir: Path, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--worker", tool, "--model", model, "--n", str(n), "--eval", str(n_eval), "--workdir", str(workdir)]
+def run_worker(tool: str, model: str, n: int, n_eval: int, workdir: Path, timeout: float, baseline: Path | None = None) -> dict:
+    root, script, as_tool = ROOT, __file__, tool
+    if tool == "baseline":  # the earlier checkout's own script and package, its qfold worker
+        root, as_tool = baseline.resolve(), "qfold"
+        script = str(root / "tools" / "bench_ptq_speed.py")
+    cmd = [sys.executable, script, "--worker", as_tool, "--model", model, "--n", str(n), "--eval", str(n_eval), "--workdir", str(workdir)]
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(root)})
     except subprocess.TimeoutExpired:
         return {"tool": tool, "model": model, "n": n, "error": f"timeout after {timeout:.0f} s"}
     line = next((ln for ln in p.stdout.splitlines()[::-1] if ln.startswith("RESULT ")), None)
     if line is None:
         return {"tool": tool, "model": model, "n": n, "error": (p.stderr or p.stdout)[-600:]}
-    return json.loads(line[7:])
+    return {**json.loads(line[7:]), "tool": tool}
 
 
 def cpu_flags() -> str:
@@ -206,6 +215,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qfold_bench_ptq_speed"))
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--out", type=Path, default=ROOT / "tools" / "results" / "bench_ptq_speed.json")
+    ap.add_argument("--repeat", type=int, default=1, help="run every model's workers this many times, interleaved; the summary takes each tool's fastest")
+    ap.add_argument("--baseline", type=Path, help="a checkout of an earlier qfold (e.g. `git archive REV | tar -x -C DIR`): its own qfold "
+                    "worker runs as tool 'baseline' next to the others, on the same data")
     ap.add_argument("--worker")
     ap.add_argument("--model")
     ap.add_argument("--n", type=int)
@@ -226,19 +238,27 @@ def main() -> None:
         jobs = [(t, args.calib) for t in args.tools]
         if mi == 0:
             jobs += [(t, n) for n in args.growth if n != args.calib for t in ("qfold", "ort-minmax") if t in args.tools]
-        for tool, n in jobs:
-            r = run_worker(tool, model, n, args.eval, args.workdir, args.timeout)
-            print(json.dumps(r), flush=True)
-            rows.append(r)
+        if args.baseline is not None:
+            jobs.insert(0, ("baseline", args.calib))
+        for rep in range(args.repeat):
+            for tool, n in jobs:
+                r = run_worker(tool, model, n, args.eval, args.workdir, args.timeout, args.baseline)
+                r.update(rep=rep, load1=os.getloadavg()[0])
+                print(json.dumps(r), flush=True)
+                rows.append(r)
             args.out.write_text(json.dumps({"machine": cpu_flags(), "argv": sys.argv[1:], "rows": rows}, indent=1) + "\n")
     print(summary(rows))
 
 
 def summary(rows: list[dict]) -> str:
     """Markdown: per model and image count, each tool's seconds and qfold's ratios."""
-    by = {(r["model"], r["n"], r["tool"]): r for r in rows if "error" not in r}
-    lines = ["| model | images | qfold calib s | ORT MinMax s | ORT Entropy s | torch.ao s | qfold / MinMax | Entropy / qfold | qfold report s | ORT eval pass s | qfold total / 2(MinMax+eval) | qfold calib rise MiB | MinMax rise MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    by: dict = {}
+    for r in rows:  # with --repeat, each tool's fastest run (calibration part) per model and image count
+        k = (r["model"], r["n"], r["tool"])
+        if "error" not in r and (k not in by or r["calib_s"] < by[k]["calib_s"]):
+            by[k] = r
+    lines = ["| model | images | qfold calib s | ORT MinMax s | ORT Entropy s | torch.ao s | qfold / MinMax | Entropy / qfold | qfold report s | ORT eval pass s | qfold total / 2(MinMax+eval) | qfold calib rise MiB | MinMax rise MiB | qfold-cl calib s | qfold-cl report s | baseline calib s | baseline report s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, n in sorted({(m, n) for m, n, _ in by}):
         g = lambda t, k: by.get((model, n, t), {}).get(k)  # noqa: E731
         f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
@@ -247,7 +267,8 @@ def summary(rows: list[dict]) -> str:
         total = None if None in (q, rep, mm, evs) else (q + rep) / (2 * (mm + evs))
         lines.append(f"| {model} | {n} | {f(q)} | {f(mm)} | {f(en)} | {f(g('torchao', 'calib_s'))} | "
                      f"{'-' if None in (q, mm) else f'{q / mm:.2f}'} | {'-' if None in (q, en) else f'{en / q:.2f}'} | "
-                     f"{f(rep)} | {f(evs)} | {'-' if total is None else f'{total:.2f}'} | {f(g('qfold', 'calib_rise_mib'))} | {f(g('ort-minmax', 'calib_rise_mib'))} |")
+                     f"{f(rep)} | {f(evs)} | {'-' if total is None else f'{total:.2f}'} | {f(g('qfold', 'calib_rise_mib'))} | {f(g('ort-minmax', 'calib_rise_mib'))} | "
+                     f"{f(g('qfold-cl', 'calib_s'))} | {f(g('qfold-cl', 'report_s'))} | {f(g('baseline', 'calib_s'))} | {f(g('baseline', 'report_s'))} |")
     return "\n".join(lines)
 
 

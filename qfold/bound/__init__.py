@@ -2,9 +2,17 @@
 
 - :mod:`qfold.bound.formulas`: per-channel statistics and the rescale arithmetic (pure torch).
 - :mod:`qfold.bound.sites`: which ReLUs can be bounded and which layers rescale with them.
-- :mod:`qfold.bound.passes`: the pass, :func:`bound_relu`, and its report.
+- :mod:`qfold.bound.passes`: the pass, :func:`bound_relu` (and :func:`bound_relu_deferred`).
+- :mod:`qfold.bound.report`: what was bounded, where it clips, what it cost.
 """
-from qfold.bound.passes import BoundConfig, BoundReport, SiteReport, bound_relu
+from qfold.bound.passes import (
+    BoundConfig,
+    BoundReport,
+    PendingReport,
+    SiteReport,
+    bound_relu,
+    bound_relu_deferred,
+)
 from qfold.errors import BoundError
 
-__all__ = ["BoundConfig", "BoundError", "BoundReport", "SiteReport", "bound_relu"]
+__all__ = ["BoundConfig", "BoundError", "BoundReport", "PendingReport", "SiteReport", "bound_relu", "bound_relu_deferred"]

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from qfold.bound import formulas as bm
+from qfold.bound.report import BoundReport, SiteReport
 from qfold.bound.sites import (
     _bounded_site,
     _data,
@@ -54,76 +55,6 @@ from qfold.fx import (
     tensor_leaves,
 )
 from qfold.report.metrics import sqnr_db_from_energy
-
-
-@dataclass(frozen=True)
-class SiteReport:
-    """One ReLU site after bounding.
-
-    Attributes:
-        name: the site's node name in the traced graph of the input model.
-        target: the module qualname or function it called.
-        mode: "preserve" (rescaled, function kept up to the cap) or "swap" (literal ReLU6).
-        reason: why a site fell back to "swap" ("" otherwise).
-        group: sites with the same group share one per-channel scale (a residual stream).
-        caps: per-channel cap in the original units (``6/s_c``); ``(6.0,)`` for a swapped site.
-        above6_fp32: fraction of the unbounded model's pre-activations above 6 at this site.
-        clipped: fraction of the bounded model's ReLU6 inputs above 6 (values changed by the cap).
-    """
-
-    name: str
-    target: str
-    mode: str
-    reason: str = ""
-    group: int | None = None
-    caps: tuple[float, ...] = (bm.RELU6_CAP,)
-    above6_fp32: float | None = None
-    clipped: float | None = None
-
-
-@dataclass(frozen=True)
-class BoundReport:
-    """What ``bound_relu`` did, and what it cost on the data given (None without data)."""
-
-    mode: str
-    quantile: float
-    sites: tuple[SiteReport, ...]
-    already_bounded: tuple[str, ...]
-    samples: int
-    output_sqnr_db: float | None
-    top1_agreement: float | None
-
-    @property
-    def preserved(self) -> int:
-        return sum(s.mode == "preserve" for s in self.sites)
-
-    @property
-    def swapped(self) -> int:
-        return sum(s.mode == "swap" for s in self.sites)
-
-    def to_dict(self) -> dict:
-        """JSON-ready plain types (``caps`` as lists; an SQNR of identical outputs stays ``inf``)."""
-        d = asdict(self)
-        d["sites"] = [{**site, "caps": list(site["caps"])} for site in d["sites"]]
-        d["already_bounded"] = list(self.already_bounded)
-        return d
-
-    def __str__(self) -> str:
-        return self.to_markdown()
-
-    def to_markdown(self) -> str:
-        """A markdown table, one row per site, then the model-level numbers."""
-        def pct(v: float | None) -> str:
-            return "-" if v is None else f"{100 * v:.3f}%"
-
-        rows = ["| site | target | mode | group | cap min..max | >6 in FP32 | clipped by ReLU6 | note |", "|---|---|---|---|---|---|---|---|"]
-        for s in self.sites:
-            cap = f"{min(s.caps):.3g}..{max(s.caps):.3g}"
-            rows.append(f"| {s.name} | {s.target} | {s.mode} | {'-' if s.group is None else s.group} | {cap} | {pct(s.above6_fp32)} | {pct(s.clipped)} | {s.reason} |")
-        sq = "-" if self.output_sqnr_db is None else f"{self.output_sqnr_db:.2f} dB"
-        rows.append(f"\nmode {self.mode}, quantile {self.quantile}, {self.samples} samples: output SQNR {sq}, top-1 agreement {pct(self.top1_agreement)}")
-        return "\n".join(rows)
-
 
 # ---------------------------------------------------------------- data passes
 
@@ -238,6 +169,33 @@ def bound_relu(
         raise BoundError("pass either config=BoundConfig(...) or mode/quantile, not both")
     if config.mode == "off":
         raise BoundError("mode='off' means no bound: use the model as it is (the pipeline skips this step), or pass mode='preserve' or 'swap'")
+    bgm, pending = _bound_relu(model, calib_data, config, defer=False, batch_size=batch_size)
+    return bgm, pending.report()
+
+
+def bound_relu_deferred(
+    model: nn.Module,
+    calib_data: torch.Tensor | Iterable[torch.Tensor] | None = None,
+    *,
+    config: BoundConfig = BoundConfig(),
+    batch_size: int = 256,
+) -> tuple[fx.GraphModule, "PendingReport"]:
+    """:func:`bound_relu`, leaving the bounded model's pass over ``calib_data`` to the caller.
+
+    The report's clipping counts, output SQNR and top-1 agreement need the bounded model's outputs
+    on the data. A caller that runs the bounded model over the same batches anyway (calibration
+    runs it with its quantizers off) runs it inside ``pending.observe(model)`` and then reads
+    ``pending.report()``: the same numbers as :func:`bound_relu`'s, one pass over the data fewer.
+    Where the report needs no bounded pass (no ReLU site, or the unbounded model's outputs were too
+    large to keep), ``pending`` is already complete and ``observe`` watches nothing.
+    """
+    if config.mode == "off":
+        raise BoundError("mode='off' means no bound: use the model as it is (the pipeline skips this step)")
+    return _bound_relu(model, calib_data, config, defer=True, batch_size=batch_size)
+
+
+def _bound_relu(model: nn.Module, calib_data: torch.Tensor | Iterable[torch.Tensor] | None, config: BoundConfig,
+                defer: bool, batch_size: int) -> tuple[fx.GraphModule, "PendingReport"]:
     if config.mode == "preserve" and calib_data is None:
         raise BoundError("mode='preserve' needs calib_data (a few hundred representative inputs) to place the caps; pass it, or use mode='swap' for the literal ReLU -> ReLU6 replacement")
     first = next(iter(_batches(calib_data, batch_size)), None) if calib_data is not None else None
@@ -289,18 +247,21 @@ def bound_relu(
         _rescale(bgm.get_submodule(name), **kw)
     new_names = rewrite_to_relu6(bgm, {**sites, **bounded})
 
-    above, clipped, samples, sqnr, agree = {}, {}, 0, None, None
-    if batches is not None:
-        above, clipped, samples, sqnr, agree = _measure(gm, bgm, batches, sites, new_names, fp32 if fp32.outputs else None)
-    reports = []
-    for s in sites:
-        g = group_of.get(s)
-        preserved = g is not None and g in scales
-        reason = "" if preserved or config.mode == "swap" else (groups[g].reason if g is not None else "")
-        caps = tuple((bm.RELU6_CAP / scales[g]).tolist()) if preserved else (bm.RELU6_CAP,)
-        reports.append(SiteReport(s, str(target[s]), "preserve" if preserved else "swap", reason, g if preserved else None, caps, above.get(s), clipped.get(s)))
-    report = BoundReport(config.mode, config.quantile, tuple(reports), tuple(bounded), samples, sqnr, agree)
-    return bgm, report
+    def make_report(above: dict, clipped: dict, samples: int, sqnr: float | None, agree: float | None) -> BoundReport:
+        reports = []
+        for s in sites:
+            g = group_of.get(s)
+            preserved = g is not None and g in scales
+            reason = "" if preserved or config.mode == "swap" else (groups[g].reason if g is not None else "")
+            caps = tuple((bm.RELU6_CAP / scales[g]).tolist()) if preserved else (bm.RELU6_CAP,)
+            reports.append(SiteReport(s, str(target[s]), "preserve" if preserved else "swap", reason, g if preserved else None, caps, above.get(s), clipped.get(s)))
+        return BoundReport(config.mode, config.quantile, tuple(reports), tuple(bounded), samples, sqnr, agree)
+
+    if batches is None:
+        return bgm, PendingReport(make_report({}, {}, 0, None, None))
+    if defer and sites and fp32.outputs:  # the caller's pass of the bounded model completes the report
+        return bgm, PendingReport(None, make_report, fp32, _site_calls(bgm, new_names))
+    return bgm, PendingReport(make_report(*_measure(gm, bgm, batches, sites, new_names, fp32 if fp32.outputs else None)))
 
 
 def _rescale(m: nn.Module, *, out_scale: torch.Tensor | None = None, in_scale: torch.Tensor | None = None) -> None:
@@ -334,7 +295,7 @@ class _Reference:
 
     def counter(self, s: str):
         def fn(x: torch.Tensor) -> None:
-            self.over[s] += int((x > bm.RELU6_CAP).sum())
+            self.over[s] += int(torch.count_nonzero(x > bm.RELU6_CAP))
             self.total[s] += x.numel()
         return fn
 
@@ -357,7 +318,7 @@ def _measure(gm, bgm, batches, sites, new_names, fp32: _Reference | None = None)
 
     def count_clip(s: str):
         def fn(x: torch.Tensor) -> None:
-            clip[s] += int((x > bm.RELU6_CAP).sum())
+            clip[s] += int(torch.count_nonzero(x > bm.RELU6_CAP))
         return fn
 
     if not sites:  # nothing rewritten but existing ReLU6 forms: the same function, exactly
@@ -367,9 +328,7 @@ def _measure(gm, bgm, batches, sites, new_names, fp32: _Reference | None = None)
         fp32 = _Reference(sites)
     ref_watch = {s: fp32.counter(s) for s in sites}
     b_watch = {new_names[s]: count_clip(s) for s in sites}
-    signal = noise = 0.0
-    same = rows = samples = 0
-    top1 = True
+    cmp = _Compare()
     with eval_mode(gm, bgm):
         for i, x in enumerate(batches()):
             if i == 0 and ref_pass:
@@ -378,24 +337,122 @@ def _measure(gm, bgm, batches, sites, new_names, fp32: _Reference | None = None)
                 fp32.add_outputs(_Watch(gm, ref_watch).run(x))
             elif i >= len(fp32.outputs):
                 raise BoundError("calib_data yielded more batches on the second read than on the first; pass data that reads the same every time")
-            ref = fp32.outputs[i]
-            out = tensor_leaves(_Watch(bgm, b_watch).run(x))
-            samples += x.shape[0]
-            for r, o in zip(ref, out):
-                r, o = r.double(), o.double()
-                signal += float((r * r).sum())
-                noise += float(((r - o) ** 2).sum())
-            top1 = top1 and bool(ref) and ref[0].ndim == 2
-            if top1:
-                same += int((ref[0].argmax(dim=1) == out[0].argmax(dim=1)).sum())
-                rows += ref[0].shape[0]
+            cmp.add(fp32.outputs[i], _Watch(bgm, b_watch).run(x), x.shape[0])
             if ref_pass:
                 fp32.outputs[i] = []  # streamed: one batch of outputs at a time
-    total = fp32.total
-    above = {s: fp32.over[s] / total[s] if total[s] else 0.0 for s in sites}
-    clipped = {s: clip[s] / total[s] if total[s] else 0.0 for s in sites}
-    agree = same / rows if top1 and rows else None
-    return above, clipped, samples, sqnr_db_from_energy(signal, noise), agree
+    return cmp.result(fp32, clip, sites)
+
+
+class _Compare:
+    """Streams the unbounded vs bounded model's outputs, batch by batch: energies and top-1 agreement."""
+
+    def __init__(self) -> None:
+        self.signal = self.noise = 0.0
+        self.same = self.rows = self.samples = self.batches = 0
+        self.top1 = True
+
+    def add(self, ref: list[torch.Tensor], out: object, samples: int) -> None:
+        out = tensor_leaves(out)
+        self.samples += samples
+        self.batches += 1
+        for r, o in zip(ref, out):
+            r, o = r.double(), o.double()
+            self.signal += float((r * r).sum())
+            self.noise += float(((r - o) ** 2).sum())
+        self.top1 = self.top1 and bool(ref) and ref[0].ndim == 2
+        if self.top1:
+            self.same += int((ref[0].argmax(dim=1) == out[0].argmax(dim=1)).sum())
+            self.rows += ref[0].shape[0]
+
+    def result(self, fp32: "_Reference", clip: dict[str, int], sites: Iterable[str]):
+        total = fp32.total
+        above = {s: fp32.over[s] / total[s] if total[s] else 0.0 for s in sites}
+        clipped = {s: clip[s] / total[s] if total[s] else 0.0 for s in sites}
+        agree = self.same / self.rows if self.top1 and self.rows else None
+        return above, clipped, self.samples, sqnr_db_from_energy(self.signal, self.noise), agree
+
+
+def _site_calls(bgm: fx.GraphModule, new_names: dict[str, str]) -> dict[str, list[str]]:
+    """ReLU6 module qualname -> the sites calling it, in graph order (a shared module runs once per site)."""
+    site_of = {v: k for k, v in new_names.items()}
+    calls: dict[str, list[str]] = {}
+    for n in bgm.graph.nodes:
+        if n.op == "call_module" and n.name in site_of:
+            calls.setdefault(n.target, []).append(site_of[n.name])
+    return calls
+
+
+class PendingReport:
+    """A :class:`BoundReport`, complete, or waiting for one pass of the bounded model (:func:`bound_relu_deferred`).
+
+    ``observe(model)`` hooks ``model`` (the bounded GraphModule, or a copy with the same ReLU6
+    modules in the same graph order, such as its fake-quant model with quantizers off) while the
+    block runs; every forward of ``model`` inside it must be one calibration batch, in the order
+    the statistics pass saw them. ``report()`` then gives the report.
+    """
+
+    def __init__(self, done: BoundReport | None, make=None, fp32: "_Reference | None" = None,
+                 calls: dict[str, list[str]] | None = None) -> None:
+        self._done, self._make, self._fp32, self._calls = done, make, fp32, calls or {}
+        self._cmp = _Compare()
+        self._clip = dict.fromkeys(fp32.total if fp32 is not None else (), 0)
+
+    @property
+    def complete(self) -> bool:
+        return self._done is not None
+
+    @contextmanager
+    def observe(self, model: nn.Module) -> Iterator[None]:
+        """Watch ``model``'s ReLU6 inputs and outputs while the block runs (nothing when complete)."""
+        if self._done is not None:
+            yield
+            return
+        modules = dict(model.named_modules())
+        missing = [t for t in self._calls if not isinstance(modules.get(t), nn.ReLU6)]
+        if missing:
+            raise BoundError(f"the model to observe lacks the bounded model's ReLU6 modules {missing[:3]}; pass the bounded model or its fake-quant copy")
+        seen = dict.fromkeys(self._calls, 0)
+        fp32, clip = self._fp32, self._clip
+
+        def start(_m: nn.Module, _args: tuple) -> None:
+            for t in seen:
+                seen[t] = 0
+
+        def count(t: str):
+            sites = self._calls[t]
+
+            def pre(_m: nn.Module, args: tuple) -> None:
+                k = seen[t]
+                if k >= len(sites):
+                    raise BoundError(f"module {t} ran more often than the bounded graph calls it; observe the bounded model itself")
+                seen[t] = k + 1
+                clip[sites[k]] += int(torch.count_nonzero(args[0] > bm.RELU6_CAP))
+            return pre
+
+        def end(_m: nn.Module, args: tuple, out: object) -> None:
+            i = self._cmp.batches
+            if i >= len(fp32.outputs):
+                raise BoundError("the observed model ran more batches than the statistics pass saw; run it over the same calibration batches")
+            self._cmp.add(fp32.outputs[i], out, args[0].shape[0])
+            fp32.outputs[i] = []  # streamed: one batch of outputs at a time
+
+        handles = [model.register_forward_pre_hook(start), model.register_forward_hook(end)]
+        handles += [modules[t].register_forward_pre_hook(count(t)) for t in self._calls]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def report(self) -> BoundReport:
+        """The report; raises BoundError when the bounded pass has not run over every batch."""
+        if self._done is None:
+            if self._cmp.batches != len(self._fp32.outputs):
+                raise BoundError(f"the bounded model ran over {self._cmp.batches} batches, the statistics pass over "
+                                 f"{len(self._fp32.outputs)}; run it inside observe() over the same calibration batches")
+            self._done = self._make(*self._cmp.result(self._fp32, self._clip, self._fp32.total))
+            self._fp32 = None
+        return self._done
 
 
 def _measure_unchanged(gm, batches):

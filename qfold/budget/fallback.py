@@ -305,3 +305,12 @@ def budget_artifacts(fallback: FallbackResult | None, res: Any, config: PTQConfi
         return []
     sens = layer_sensitivity(res.fake_quant, res.plan, eval_x, eval_y, reference=model, batch_size=min(config.eval.batch_size, 64))
     return sens.save(out_dir, plot=config.eval.plots)
+
+
+def plan_fallback(model: nn.Module, bounded: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor,
+                  eval_y: torch.Tensor | None, config: PTQConfig) -> tuple[FallbackResult | None, PTQConfig]:
+    """With ``eval.fallback = "auto"``: the search's result and ``config`` with its float layers; else ``(None, config)``."""
+    if config.eval.fallback != "auto":
+        return None, config
+    result = search_fallback(model, bounded, calib_x, eval_x, eval_y, config)
+    return result, with_float_layers(config, result.float_layers)

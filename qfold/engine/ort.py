@@ -18,7 +18,7 @@ it re-renders the engine in memory for ``portable`` (an exact pass) and warns; w
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -127,13 +127,24 @@ def ort_calibrate(model: onnx.ModelProto, tensors: Iterable[str], batches: Itera
     branches, :func:`qfold.onnx.qdq.tensors_needing_amax_for_ort`), with the same method as the
     PyTorch-side calibration. Graph optimizations are off so every named tensor exists.
     """
+    return ort_calibrate_with_outputs(model, tensors, batches, method, num_bins=num_bins)[0]
+
+
+def ort_calibrate_with_outputs(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[np.ndarray], method: str = "max", *,
+                               num_bins: int = 2048, keep: int = 0) -> tuple[dict[str, float], list[np.ndarray]]:
+    """:func:`ort_calibrate`, also returning the model's first output (float32) on the first ``keep`` batches.
+
+    With optimizations off those outputs are what :meth:`OrtEngine.check` computes for its
+    ``reference`` graph, so a build's rendering check on the same batches can take them instead of
+    running the graph again. No tensor to calibrate: ``({}, [])`` without running the graph.
+    """
     import torch
 
     from calib import CalibMethod, HistogramObserver
 
     names = list(dict.fromkeys(tensors))
     if not names:
-        return {}
+        return {}, []
     ort = _ort()
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -141,14 +152,34 @@ def ort_calibrate(model: onnx.ModelProto, tensors: Iterable[str], batches: Itera
     m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in have)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.enable_cpu_mem_arena = False  # the arena grows with every batch's fetched tensors and never shrinks
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     in_name = sess.get_inputs()[0].name
+    first = sess.get_outputs()[0].name
     observers = {n: HistogramObserver(num_bins) for n in names}
-    for x in batches:
-        for n, v in zip(names, sess.run(names, {in_name: np.ascontiguousarray(x, dtype=np.float32)})):
+    outputs: list[np.ndarray] = []
+    for i, x in enumerate(batches):
+        fetch = [*names, first] if i < keep else names
+        got = sess.run(fetch, {in_name: np.ascontiguousarray(x, dtype=np.float32)})
+        for n, v in zip(names, got):
             observers[n].update(torch.from_numpy(np.asarray(v)))
+        if i < keep:
+            outputs.append(np.array(got[-1], dtype=np.float32, copy=True))  # a copy: a view keeps the session's buffers alive
     parsed = CalibMethod.parse(method)
-    return {n: o.compute_amax(parsed) for n, o in observers.items()}
+    return {n: o.compute_amax(parsed) for n, o in observers.items()}, outputs
+
+
+def _replay(outputs: Sequence[np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """A stand-in for a model already run on the batches: returns ``outputs`` in order, checking
+    each batch's row count."""
+    it = iter(outputs)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        out = next(it, None)
+        if out is None or len(out) != len(x):
+            raise ValueError("precomputed outputs do not match the check batches (count or rows differ)")
+        return out
+    return run
 
 
 class OrtEngine:
@@ -187,7 +218,8 @@ class OrtEngine:
             x = x.astype(np.float32)
         return np.asarray(self.session.run(None, {self._input: np.ascontiguousarray(x)})[0], dtype=np.float32)
 
-    def check(self, batches: Iterable[np.ndarray], reference: onnx.ModelProto | None = None) -> CheckResult | None:
+    def check(self, batches: Iterable[np.ndarray], reference: onnx.ModelProto | None = None, *,
+              outputs: Sequence[np.ndarray] | None = None, reference_outputs: Sequence[np.ndarray] | None = None) -> CheckResult | None:
         """This engine on this CPU against a reference (:mod:`qfold.engine.ort_check`).
 
         Default reference: the *portable twin*, the same graph with its int8 weights stored as
@@ -197,8 +229,16 @@ class OrtEngine:
         saturation). With ``reference`` (the TensorRT-profile Q/DQ ONNX): that graph run as float
         ops, i.e. the fake-quant model, which the ORT rendering approximates (extra Q/DQ, and Q/DQ
         pairs ONNX Runtime's optimizer merges or drops).
+
+        ``outputs`` / ``reference_outputs``: this engine's / the reference's outputs on ``batches``,
+        one array per batch, when already computed (the build runs the engine once for both checks,
+        and :func:`ort_calibrate` may already have run the reference graph on the same batches).
         """
         ort = _ort()
+        engine = self.run if outputs is None else _replay(outputs)
+        if reference_outputs is not None:
+            return compare(engine, _replay(reference_outputs), batches,
+                           reference_name="portable-twin" if reference is None else "qdq-onnx")
         if reference is None:
             twin = weights_to_uint8(self._graph)
             ref = ort.InferenceSession(twin.SerializeToString(), _session_options(self._config),
@@ -207,7 +247,7 @@ class OrtEngine:
             ref = ort.InferenceSession(reference.SerializeToString(), _session_options(self._config, optimize=False),
                                        providers=["CPUExecutionProvider"])
         name = ref.get_inputs()[0].name
-        return compare(self.run, lambda x: ref.run(None, {name: x})[0], batches,
+        return compare(engine, lambda x: ref.run(None, {name: x})[0], batches,
                        reference_name="portable-twin" if reference is None else "qdq-onnx")
 
 
@@ -221,7 +261,8 @@ class OrtBackend:
               data: Sequence[np.ndarray] | None = None, *,
               extra_amax: Mapping[str, float] | None = None,
               rendering: OrtRendering | None = None,
-              check_data: Iterable[np.ndarray] | None = None) -> EngineInfo:
+              check_data: Iterable[np.ndarray] | None = None,
+              check_reference: Sequence[np.ndarray] | None = None) -> EngineInfo:
         """Render ``onnx_path`` for ORT and write ``engine_path`` + ``engine_path``.json atomically.
 
         ``data``: calibration batches. The tensors the ORT rendering quantizes beyond the TensorRT
@@ -233,7 +274,9 @@ class OrtBackend:
         ``config.cpu_target`` picks the CPU rendering (``auto``: this CPU's class). The self-check:
         the engine, run on this CPU as ``load`` runs it, must match its portable twin
         (:meth:`OrtEngine.check`), else :class:`EngineCheckError` and nothing is written; its
-        deviation from the Q/DQ ONNX (fake-quant) is recorded and warned.
+        deviation from the Q/DQ ONNX (fake-quant) is recorded and warned. ``check_reference``: the
+        Q/DQ ONNX's first output on each check batch when already computed; with ``data``, the run
+        that calibrates the extra tensors computes it (:func:`ort_calibrate_with_outputs`).
         """
         ort = _ort()
         config, rendering = config or EngineConfig(), rendering or OrtRendering()
@@ -246,10 +289,15 @@ class OrtBackend:
         model = onnx.load_from_string(src)
         needed = tensors_needing_amax_for_ort(model)
         if data is not None:
-            if extra_amax is None:
-                extra_amax = ort_calibrate(model, needed, data, "max")
             if check_data is None:
                 check_data = _first_rows(data, SELF_CHECK_SAMPLES)
+            if extra_amax is None:
+                # when the check batches are the first calibration batches (the batch size divides
+                # SELF_CHECK_SAMPLES), that calibration run of the Q/DQ graph is also the check's reference
+                same = all(len(a) == len(b) for a, b in zip(check_data, data))
+                extra_amax, outs = ort_calibrate_with_outputs(model, needed, data, "max", keep=len(check_data) if same else 0)
+                if check_reference is None and same and outs:
+                    check_reference = outs
         cpu = detect_cpu()
         target = resolve_target(config.cpu_target, cpu)
         rendered = render_for_ort(model, extra_amax, rendering, target)
@@ -264,8 +312,10 @@ class OrtBackend:
                 probe = OrtEngine(rendered, EngineInfo(self.name, engine_path.name, "", extra={"cpu_target": target}),
                                   replace(config, cpu_target="auto"))
             check_data = [np.ascontiguousarray(x, dtype=np.float32) for x in check_data]
-            check = probe.check(check_data)  # the integer kernels vs the graph they run: what a CPU can break
-            rendering_check = probe.check(check_data, model)  # the rendering vs fake-quant: reported, warned
+            outs = [probe.run(x) for x in check_data]  # the engine runs once for both checks
+            check = probe.check(check_data, outputs=outs)  # the integer kernels vs the graph they run: what a CPU can break
+            rendering_check = probe.check(check_data, model, outputs=outs,  # the rendering vs fake-quant: reported, warned
+                                          reference_outputs=check_reference)
             if rendering_check is not None and not rendering_check.passed:
                 warnings.warn(f"the ONNX Runtime rendering deviates from the fake-quant model by more than "
                               f"{rendering_check.tolerance_steps:g} output steps ({rendering_check.summary()}); the "

@@ -8,7 +8,8 @@ the file can be checked against a model and data with calib alone.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -33,9 +34,12 @@ __all__ = ["calibrate_model", "calibration_table", "write_trt_cache"]
 
 
 def calibrate_model(model: nn.Module, calib_x: torch.Tensor, config: CalibConfig, keep_float: Sequence[str] = (),
-                    *, progress: bool = False) -> tuple[fx.GraphModule, QuantPlan, calib.CalibResult]:
+                    *, progress: bool = False, watch: Callable[[fx.GraphModule], AbstractContextManager] | None = None,
+                    ) -> tuple[fx.GraphModule, QuantPlan, calib.CalibResult]:
     """Plan Q/DQ on ``model`` (``keep_float`` layers left out), insert quantizers and set every amax.
 
+    ``watch(fake_quant)``: a context the calibration pass (the float network, quantizers off) runs
+    in, for a caller that needs that pass's outputs too (the bound report: one pass fewer).
     Returns ``(fake_quant, plan, result)``; ``result`` holds the observers (their histograms are
     the report's activation plots). Raises ValueError when nothing is left to quantize.
     """
@@ -46,7 +50,7 @@ def calibrate_model(model: nn.Module, calib_x: torch.Tensor, config: CalibConfig
         raise ValueError("nothing to quantize: the model has no Conv/ConvTranspose/Linear layer outside keep_float")
     method = calib.CalibMethod(config.method, percentile=config.percentile)
     names = [quantizer_name(k) for k in sorted(plan.points)]
-    with quantization_disabled(fq):
+    with quantization_disabled(fq), (watch(fq) if watch is not None else nullcontext()), torch.inference_mode():
         result = calib.calibrate(fq, batches(calib_x, config.batch_size), names, method=method,
                                  progress=progress, num_bins=config.num_bins)
     quantizers = act_quantizers(fq)

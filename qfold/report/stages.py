@@ -20,6 +20,7 @@ import torch.nn as nn
 from calib.atomic import atomic_write_bytes, atomic_write_text
 from qfold.capture import trace
 from qfold.errors import QualityGateError
+from qfold.fx import channels_last
 from qfold.quant.prepare import quantizer_name
 from qfold.report import metrics as metrics
 
@@ -170,7 +171,8 @@ class _OutputEnergy:
 
     def hook_ref(self, name: str):
         def fn(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
-            self.ref[name].append(out.detach().double())
+            ref = out.detach().double()
+            self.ref[name].append(ref.clone() if ref.data_ptr() == out.data_ptr() else ref)  # a copy: hook_test overwrites it
 
         return fn
 
@@ -178,9 +180,14 @@ class _OutputEnergy:
         def fn(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
             if not self.ref[name]:
                 raise RuntimeError(f"layer {name!r} ran more often in the fake-quant model than in the float model")
-            ref = self.ref[name].pop(0)
-            self.signal[name] += float((ref**2).sum())
-            self.noise[name] += float(((ref - out.detach().double()) ** 2).sum())
+            ref = self.ref[name].pop(0)  # this module's own float64 copy, free to overwrite
+            diff = out.detach().double()
+            if diff.data_ptr() == out.data_ptr():  # already float64: .double() returned the output itself
+                diff = diff.clone()
+            # in place, no temporaries: (out - ref)^2 == (ref - out)^2 bit for bit (negation is exact),
+            # and x*x is what x**2 computes; the sums reduce the same shapes in the same order
+            self.noise[name] += float(diff.sub_(ref).mul_(diff).sum())
+            self.signal[name] += float(ref.mul_(ref).sum())
 
         return fn
 
@@ -309,7 +316,7 @@ def evaluate_stages(model: nn.Module, res: Any, engine: Any, x: torch.Tensor, y:
     """
     bs, prog = config.eval.batch_size, config.progress
     n = x.shape[0] if config.eval.stage_samples is None else min(config.eval.stage_samples, x.shape[0])
-    ref = run_logits(model, x, bs, prog, "FP32")
+    ref = run_logits(channels_last(model) if config.channels_last else model, x, bs, prog, "FP32")
     report = AccuracyReport(reference=reference_metrics(ref, y))
     ys = None if y is None else y[:n]
     has_bound = res.bounded is not res.folded

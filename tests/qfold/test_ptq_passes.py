@@ -1,6 +1,7 @@
 """Fewer passes over the data (issue 17): the same numbers as running every model separately."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -16,6 +17,7 @@ from qfold.capture import trace
 from qfold.config import PTQConfig
 from qfold.pipeline import run_ptq
 from qfold.quant import plan_quantization, prepare_fake_quant
+from qfold.quant.modules import QuantLayer
 from qfold.quant.prepare import act_quantizers, quant_layers
 from qfold.report import stages as ev
 
@@ -144,3 +146,157 @@ def test_stage_samples_limits_folded_bounded_and_layers_only(tmp_path) -> None:
     assert part.stages["folded"].sqnr_db > 60 and {layer.name for layer in part.layers} == {layer.name for layer in full.layers}
     with pytest.raises(ValueError, match="stage_samples must be >= 1"):
         cfg.replace(eval={"stage_samples": 0})
+
+
+class _Rows:
+    """Counts the rows every forward of a model's first conv (3 input channels) sees: one pass of
+    ``n`` samples adds ``n``. A global module hook, so it also sees traced and prepared copies."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __enter__(self) -> "_Rows":
+        def pre(m: nn.Module, args: tuple) -> None:
+            conv = m.layer if isinstance(m, QuantLayer) else m  # QuantLayer runs its conv without calling it
+            if isinstance(conv, nn.Conv2d) and conv.in_channels == 3:
+                self.calls.append(args[0].shape[0])
+        self.h = torch.nn.modules.module.register_module_forward_pre_hook(pre)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.h.remove()
+
+
+def test_calibration_pass_completes_the_bound_report() -> None:
+    """The deferred report equals bound_relu's, with the bounded pass taken from calibration."""
+    from qfold.bound.passes import BoundConfig, bound_relu_deferred
+    from qfold.pipeline import calibrate_stage
+
+    torch.manual_seed(0)
+    model = _scaled(Net(), 3.0)
+    x = 4 * torch.randn(40, 3, 8, 8)
+    data = [x[:16], x[16:32], x[32:]]
+    want_gm, want = bound_relu(model, data, quantile=0.99)  # caps low enough to clip some values
+    with _Rows() as rows:
+        gm, pending = bound_relu_deferred(model, data, config=BoundConfig(quantile=0.99))
+    assert rows.calls == [2, 16, 16, 8]  # the shape probe and the statistics pass; no bounded pass
+    assert not pending.complete
+    with pytest.raises(Exception, match="ran over 0 batches"):
+        pending.report()
+    cfg = PTQConfig(progress=False).replace(calib={"batch_size": 16})
+    with _Rows() as rows:
+        calibrate_stage(gm, x, cfg, bound_report=pending)
+    assert rows.calls == [16, 16, 8]  # calibration's own pass, nothing more
+    got = pending.report()
+    assert got == want and got.output_sqnr_db < math.inf and max(s.clipped for s in got.sites) > 0
+    assert all(torch.equal(a, b) for a, b in zip(gm.state_dict().values(), want_gm.state_dict().values()))
+
+
+def test_deferred_report_of_a_model_without_relu_sites_is_complete() -> None:
+    from qfold.bound.passes import BoundConfig, bound_relu_deferred
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU6(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.randn(10, 3, 8, 8)
+    with _Rows() as rows:
+        gm, pending = bound_relu_deferred(model, x, config=BoundConfig())
+    assert pending.complete and rows.calls == [2, 1]  # a shape probe and a one-row output probe, no pass
+    with pending.observe(gm), torch.no_grad():
+        gm(x)  # watches nothing
+    assert pending.report() == bound_relu(model, x)[1]
+
+
+def test_calibration_part_passes_over_the_data(tmp_path) -> None:
+    """fold, bound and calibrate of a ReLU ResNet: two full passes in PyTorch (statistics, calibration)."""
+    from qfold.pipeline import bound_stage, calibrate_stage, fold_stage
+
+    torch.manual_seed(0)
+    model = randomize_bn(ResNetStyle()).eval()
+    cx = torch.randn(48, 3, 12, 12)
+    cfg = PTQConfig(progress=False).replace(calib={"batch_size": 16})
+    with _Rows() as rows:
+        folded, _ = fold_stage(model, cfg, cx[:2])
+        bounded, pending = bound_stage(folded, cx, cfg, defer_report=True)
+        calibrate_stage(bounded, cx, cfg, bound_report=pending)
+    full = [n for n in rows.calls if n > 2]
+    assert full == [16, 16, 16] * 2, rows.calls  # statistics pass, calibration pass
+    assert sum(n for n in rows.calls if n <= 2) <= 8  # the fold's and the bound's probes: a few samples
+    assert pending.report().samples == 48
+
+
+def test_engine_check_reuses_the_calibration_run_of_the_qdq_graph(tmp_path) -> None:
+    """The Q/DQ graph's outputs kept by ort_calibrate_with_outputs are what the rendering check
+    computes itself: the engine and its metadata (check numbers included) come out identical."""
+    import json
+
+    import onnx
+    import onnxruntime as ort
+
+    from qfold.engine.ort import OrtBackend, ort_calibrate, ort_calibrate_with_outputs
+    from qfold.onnx.export import export_onnx
+    from qfold.onnx.qdq import tensors_needing_amax_for_ort
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(48, 3, 8, 8)
+    _, fq = _fake_quant(model, x)
+    path = export_onnx(fq, x[:1], tmp_path / "m.onnx")
+    qdq = onnx.load(str(path))
+    tensors = tensors_needing_amax_for_ort(qdq)
+    assert tensors  # the residual branch's conv output
+    data = [b.numpy() for b in x.split(16)]
+    amax, outs = ort_calibrate_with_outputs(qdq, tensors, data, keep=2)
+    assert amax == ort_calibrate(qdq, tensors, data) and len(outs) == 2
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for b, o in zip(data, outs):
+        np.testing.assert_array_equal(o, sess.run(None, {sess.get_inputs()[0].name: b})[0])
+    b = OrtBackend()
+    b.build(path, tmp_path / "a.onnx", extra_amax=amax, check_data=data[:2])
+    b.build(path, tmp_path / "b.onnx", extra_amax=amax, check_data=data[:2], check_reference=outs)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    meta = [json.loads((tmp_path / f"{k}.onnx.json").read_text()) for k in "ab"]
+    for m in meta:
+        m.pop("engine_path")
+    assert meta[0] == meta[1] and meta[0]["extra"]["rendering_check"]["samples"] == 32
+    with pytest.raises(ValueError, match="do not match the check batches"):
+        b.build(path, tmp_path / "c.onnx", extra_amax=amax, check_data=data, check_reference=outs)
+
+
+def test_channels_last_runs_change_only_rounding(tmp_path) -> None:
+    """config.channels_last: the same quantization up to float32 summation order; the user's model untouched."""
+    torch.manual_seed(0)
+    model = randomize_bn(ResNetStyle()).eval()
+    before = {k: (v.clone(), v.stride()) for k, v in model.state_dict().items()}
+    cx = torch.randn(32, 3, 12, 12)
+    cfg = PTQConfig(progress=False).replace(calib={"batch_size": 16}, eval={"plots": False, "batch_size": 16})
+    ref = run_ptq(model, cx, config=cfg, out_dir=tmp_path / "a")
+    cl = run_ptq(model, cx, config=dataclasses.replace(cfg, channels_last=True), out_dir=tmp_path / "b")
+    assert all(torch.equal(v, before[k][0]) and v.stride() == before[k][1] for k, v in model.state_dict().items())
+    convs = [m for m in cl.fake_quant.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert ref.amax.keys() == cl.amax.keys()
+    assert all(cl.amax[k] == pytest.approx(v, rel=1e-5) for k, v in ref.amax.items())
+    for stage in ("fake_quant", "engine"):
+        assert cl.accuracy.stages[stage].sqnr_db == pytest.approx(ref.accuracy.stages[stage].sqnr_db, abs=0.05)
+    # nothing clipped here: both bound reports measure float32 rounding only (> 100 dB), in different orders
+    assert min(cl.reports["bound"].output_sqnr_db, ref.reports["bound"].output_sqnr_db) > 100
+    assert cl.reports["bound"].sites == ref.reports["bound"].sites or all(
+        a.name == b.name and a.caps == pytest.approx(b.caps, rel=1e-5) for a, b in zip(cl.reports["bound"].sites, ref.reports["bound"].sites))
+
+
+def test_histograms_of_a_channels_last_tensor_equal_the_contiguous_ones() -> None:
+    """Both histograms flatten in memory order (a view for channels-last): the same counts."""
+    from calib.observer import HistogramObserver
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, 9, 7, generator=g) * torch.logspace(-2, 2, 6).view(1, 6, 1, 1)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    assert not xc.is_contiguous()
+    a, b = HistogramObserver(2048), HistogramObserver(2048)
+    a.update(x)
+    b.update(xc)
+    assert np.array_equal(a.histogram.counts, b.histogram.counts) and a.histogram.amax == b.histogram.amax
+    h1 = bm.hist_update(bm.hist_empty(6, 256), x, axis=1)
+    h2 = bm.hist_update(bm.hist_empty(6, 256), xc, axis=1)
+    assert torch.equal(h1.counts, h2.counts) and torch.equal(h1.maxv, h2.maxv) and int(h1.counts.sum()) == x.numel()
