@@ -62,7 +62,7 @@ def _model(p: argparse.ArgumentParser) -> None:
                    help=f"use a built-in reference model and its shipped MNIST data; NAME is one of {', '.join(names)} (default: resnet)")
     g.add_argument("--model", help="'package.module:factory' (a function returning the model) or a saved ExportedProgram (.pt2)")
     g.add_argument("--checkpoint", help="state_dict file (.pt) loaded into the model that the --model factory returns")
-    g.add_argument("--calib-data", help=".npy/.npz file, image folder (one sub-folder per class), or 'package.module:function'")
+    g.add_argument("--calib-data", help=".npy/.npz file, image folder (one sub-folder per class), 'package.module:function', or example:calib / example:test")
 
 
 def _eval_data(p: argparse.ArgumentParser) -> None:

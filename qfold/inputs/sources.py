@@ -129,8 +129,13 @@ def _from_image_folder(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 def load_data(spec: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Inputs (float32) and optional integer labels from a .npy/.npz file, an image folder
-    (one sub-folder per class) or ``package.module:function`` returning ``x`` or ``(x, y)``."""
+    (one sub-folder per class), ``package.module:function`` returning ``x`` or ``(x, y)``, or
+    ``example:calib`` / ``example:test`` (the built-in example's splits)."""
     path = Path(spec)
+    if spec.startswith("example:") and not path.exists():  # the built-in example's splits: example:calib, example:test
+        from qfold.examples import load_data as example_data
+
+        return example_data(spec.partition(":")[2])
     if path.suffix in (".npy", ".npz"):
         if not path.is_file():
             raise FileNotFoundError(f"data file {path} does not exist")

@@ -63,3 +63,14 @@ def test_model_factory_checkpoint_and_errors(tmp_path):
         sources.load_model("qfold.examples.models:ResNet", tmp_path / "bad.pt")
     with pytest.raises(TypeError, match="not a torch.nn.Module"):
         sources.load_model("qfold.examples:load_data")
+
+
+def test_the_built_in_examples_splits_are_data_specs():
+    from qfold.examples import load_data as example_data
+    from qfold.inputs.sources import load_data
+
+    x, y = load_data("example:test")
+    ex, ey = example_data("test")
+    assert torch.equal(x, ex) and torch.equal(y, ey) and x.shape == (1000, 1, 28, 28)
+    with pytest.raises(ValueError, match="unknown split 'train'"):
+        load_data("example:train")
