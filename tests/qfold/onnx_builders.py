@@ -53,3 +53,13 @@ def optimized_op_counts(model: onnx.ModelProto) -> collections.Counter:
         so.optimized_model_filepath = os.path.join(d, "opt.onnx")
         ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def run_ort(model: onnx.ModelProto, x: np.ndarray, optimize: bool = False) -> np.ndarray:
+    """``model``'s first output on ``x`` in ONNX Runtime (CPU, one thread), all graph optimizations on or off."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]

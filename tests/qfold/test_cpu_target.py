@@ -14,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fq_models import ResNetish, calibrate
-from onnx_builders import optimized_op_counts
+from onnx_builders import optimized_op_counts, run_ort
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -129,22 +128,13 @@ def qdq(tmp_path_factory):
     return path, m, x.numpy(), ort_max_amax(m, tensors_needing_amax_for_ort(m), [x.numpy()])
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray, optimize: bool) -> np.ndarray:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return s.run(None, {s.get_inputs()[0].name: x})[0]
-
-
 def test_portable_rendering_is_bit_identical_and_statically_safe(qdq) -> None:
     _, m, x, amax = qdq
     s8 = render_for_ort(m, amax, target="vnni")
     u8 = render_for_ort(m, amax, target="portable")
     onnx.checker.check_model(u8, full_check=True)
     assert weight_types(s8) == {"int8"} and weight_types(u8) == {"uint8"}
-    assert np.array_equal(_run(s8, x, False), _run(u8, x, False))  # same numbers as float Q/DQ semantics
+    assert np.array_equal(run_ort(s8, x, False), run_ort(u8, x, False))  # same numbers as float Q/DQ semantics
     assert weights_to_uint8(s8).SerializeToString(deterministic=True) == u8.SerializeToString(deterministic=True)
     assert int16_pair_sum_risks(u8, "portable") == []
     assert int16_pair_sum_risks(s8, "vnni") == []  # int32 accumulation: no pair sums
@@ -158,10 +148,10 @@ def test_portable_rendering_is_bit_identical_and_statically_safe(qdq) -> None:
 def test_engine_matches_fake_quant_on_this_cpu_with_optimizations_on(qdq) -> None:
     """The acceptance test on whatever CPU runs it: auto and portable stay within a couple of steps."""
     _, m, x, amax = qdq
-    fq = lambda a: _run(m, a, False)  # noqa: E731 - the Q/DQ graph as float ops = the fake-quant model
+    fq = lambda a: run_ort(m, a, False)  # noqa: E731 - the Q/DQ graph as float ops = the fake-quant model
     for target in ("auto", "portable"):
         r = render_for_ort(m, amax, target=target)
-        c = compare(lambda a, r=r: _run(r, a, True), fq, [x[:16], x[16:]])
+        c = compare(lambda a, r=r: run_ort(r, a, True), fq, [x[:16], x[16:]])
         assert c.passed and c.max_err_steps <= 2, (target, c.summary())
 
 
@@ -183,10 +173,10 @@ def test_probe_predicts_what_int8_weights_compute_here() -> None:
     x = cx.numpy()
     amax = ort_max_amax(m, tensors_needing_amax_for_ort(m), [x])
     s8 = render_for_ort(m, amax, target="vnni")
-    raw = compare(lambda a: _run(s8, a, True), lambda a: _run(m, a, False), [x[:64]])
+    raw = compare(lambda a: run_ort(s8, a, True), lambda a: run_ort(m, a, False), [x[:64]])
     assert raw.passed != u8s8_saturates(), raw.summary()
     safe = render_for_ort(m, amax, target=detect_cpu().int8_class)
-    assert compare(lambda a: _run(safe, a, True), lambda a: _run(m, a, False), [x[:64]]).passed
+    assert compare(lambda a: run_ort(safe, a, True), lambda a: run_ort(m, a, False), [x[:64]]).passed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +245,7 @@ def test_load_runs_the_engine_exactly_here_whatever_it_was_built_for(qdq, tmp_pa
         assert bool([w for w in caught if issubclass(w.category, RuntimeWarning)]) == (eng.running_as != target)
         c = eng.check([x])
         assert c.passed and c.reference == "portable-twin", c.summary()
-        assert compare(eng.run, lambda a: _run(m, a, False), [x]).passed
+        assert compare(eng.run, lambda a: run_ort(m, a, False), [x]).passed
 
 
 def test_cpu_target_configuration_is_validated() -> None:

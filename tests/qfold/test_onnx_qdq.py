@@ -8,7 +8,6 @@ import tempfile
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from hypothesis import given, settings
@@ -17,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fq_models import ActQ, Mixed, QConv, ResNetish, calibrate
-from onnx_builders import optimized_op_counts
+from onnx_builders import optimized_op_counts, run_ort
 
 from qfold.engine.ort import ort_max_amax
 from qfold.onnx.export import export_onnx
@@ -156,15 +155,6 @@ def test_verifier_per_tensor_activation_output_quantized_concat_clip_and_float_l
 
 # ----------------------------------------------------------------------------------------------
 # normalization on exported models
-def _ort(model: onnx.ModelProto, x: np.ndarray, optimize: bool = False) -> np.ndarray:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
-
-
 @pytest.fixture(scope="module")
 def exported() -> dict[str, tuple[onnx.ModelProto, torch.nn.Module, torch.Tensor]]:
     torch.manual_seed(0)
@@ -220,7 +210,7 @@ def test_conv_configs_match_fake_quant_within_one_step(cin, cout, k, stride, dep
     with torch.no_grad():
         want = net(x).numpy()
     step = np.abs(want).max() / 127
-    assert np.abs(_ort(m, x.numpy()) - want).max() <= step
+    assert np.abs(run_ort(m, x.numpy()) - want).max() <= step
     assert check_trt_rules(m) == []
     assert precision_map(m) == {"/conv/Conv": "int8"}
 
@@ -233,21 +223,21 @@ EXACT = OrtRendering(int32_bias=False)  # every remaining step is claimed bit-id
 @pytest.mark.parametrize("name", ["resnet", "mixed"])
 def test_rendering_is_bit_identical_where_claimed(exported, name) -> None:
     m, _, x = exported[name]
-    want = _ort(m, x.numpy())
+    want = run_ort(m, x.numpy())
     for rendering in (EXACT, OrtRendering(absorb_activations=False, propagate=False, int32_bias=False),
                       OrtRendering(absorb_activations=False, int32_bias=False)):
         r = render_for_ort(m, None, rendering)
         onnx.checker.check_model(r, full_check=True)
-        assert np.array_equal(_ort(r, x.numpy()), want), rendering
+        assert np.array_equal(run_ort(r, x.numpy()), want), rendering
 
 
 def test_int32_bias_and_fused_kernels_stay_within_one_output_step(exported) -> None:
     m, _, x = exported["mixed"]
-    want = _ort(m, x.numpy())
+    want = run_ort(m, x.numpy())
     step = np.abs(want).max() / 127
     r = render_for_ort(m)
-    assert np.abs(_ort(r, x.numpy()) - want).max() <= step
-    assert np.abs(_ort(r, x.numpy(), optimize=True) - want).max() <= step
+    assert np.abs(run_ort(r, x.numpy()) - want).max() <= step
+    assert np.abs(run_ort(r, x.numpy(), optimize=True) - want).max() <= step
 
 
 def test_every_quantized_conv_runs_int8_in_ort(exported) -> None:
@@ -260,14 +250,14 @@ def test_every_quantized_conv_runs_int8_in_ort(exported) -> None:
     assert ops["QLinearConv"] == n_conv and ops["QGemm"] == 1 and ops["QLinearAdd"] == 2
     assert ops["Conv"] == ops["FusedConv"] == ops["Gemm"] == 0
     assert optimized_op_counts(m)["QLinearConv"] < n_conv  # the TensorRT profile does not get there alone
-    want = _ort(m, x.numpy())
-    assert np.abs(_ort(r, x.numpy(), optimize=True) - want).max() <= 4 * np.abs(want).max() / 127
+    want = run_ort(m, x.numpy())
+    assert np.abs(run_ort(r, x.numpy(), optimize=True) - want).max() <= 4 * np.abs(want).max() / 127
 
 
 def test_missing_amax_keeps_layers_float_and_unknown_names_error(exported) -> None:
     m, _, x = exported["resnet"]
     r = render_for_ort(m)  # no extra amax: conv2 of each block stays float, still correct
     assert optimized_op_counts(r)["QLinearConv"] < sum(n.op_type == "Conv" for n in m.graph.node)
-    assert np.abs(_ort(r, x.numpy()) - _ort(m, x.numpy())).max() <= np.abs(_ort(m, x.numpy())).max() / 127
+    assert np.abs(run_ort(r, x.numpy()) - run_ort(m, x.numpy())).max() <= np.abs(run_ort(m, x.numpy())).max() / 127
     with pytest.raises(KeyError, match="tensors_needing_amax_for_ort"):
         render_for_ort(m, {"no_such_tensor": 1.0})
