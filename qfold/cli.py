@@ -23,7 +23,7 @@ from calib.atomic import atomic_write_text
 from qfold import config as cfgmod
 from qfold import outdir
 from qfold.engine import require_backend
-from qfold.errors import BackendUnavailableError
+from qfold.errors import BackendUnavailableError, QualityGateError
 
 EXIT_BUDGET = 3
 _CPU_TARGET_HELP = ("ONNX Runtime CPU rendering: auto (this CPU, default), vnni (fast, exact with VNNI/AMX), "
@@ -174,7 +174,7 @@ def _write_json(path: Path, data: object) -> Path:
 
 
 def cmd_ptq(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -> int:
-    from qfold.errors import InputWarning, QualityGateError
+    from qfold.errors import InputWarning
     from qfold.pipeline import run_ptq
 
     model, calib_x, eval_x, eval_y = _load(args, cfg)
@@ -237,12 +237,11 @@ def _calibrated(args: argparse.Namespace, cfg: cfgmod.PTQConfig):
 
 def cmd_calibrate(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -> int:
     from qfold.quant.calibrate import calibration_table
-    from qfold.quant.prepare import act_quantizers
 
     model, calib_x, fq, _, cres = _calibrated(args, cfg)
-    amax = {k: float(q.amax) for k, q in act_quantizers(fq).items()}
-    calibration_table(fq, cres, amax, calib_x, model).save_json(run.path / "calibration.json")
-    for k, v in amax.items():
+    table = calibration_table(fq, cres, calib_x, model)
+    table.save_json(run.path / "calibration.json")
+    for k, v in table.amax.items():
         print(f"{k:40s} amax {v:.6g}")
     print(f"wrote {run.out / 'calibration.json'} ({calib_x.shape[0]} samples)")
     return 0
@@ -325,9 +324,10 @@ def cmd_eval(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -
         _write_json(run.path / "engine_check.json", check.to_dict())
         print(f"engine self-check on this CPU ({engine.cpu.describe()}, runs as '{engine.running_as}'): "
               f"{'passed' if check.passed else 'FAILED'}; {check.summary()}", file=sys.stdout if check.passed else sys.stderr)
-    drop = report.drop_pp("engine")
-    if cfg.eval.max_drop_pp is not None and drop is not None and drop > cfg.eval.max_drop_pp:
-        print(f"qfold: engine top-1 drop {drop:.2f} pp exceeds the budget of {cfg.eval.max_drop_pp:.2f} pp", file=sys.stderr)
+    try:
+        report.check_budget(cfg.eval.max_drop_pp, run.out / "engine_accuracy.md")
+    except QualityGateError as exc:
+        print(f"qfold: {exc}", file=sys.stderr)
         run.status = "failed: accuracy budget exceeded"
         return EXIT_BUDGET
     return 0

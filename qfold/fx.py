@@ -5,6 +5,7 @@ helpers, so "what is a ReLU", "what is an add" and "who reads this tensor" have 
 """
 from __future__ import annotations
 
+import copy
 import operator
 from collections import Counter
 from collections.abc import Iterator
@@ -160,6 +161,4 @@ def channels_last(model: nn.Module) -> nn.Module:
     the data need not be converted. A copy, because ``Module.to`` re-lays shared Parameters in
     place (a folded model may share layers with the user's).
     """
-    import copy
-
     return copy.deepcopy(model).to(memory_format=torch.channels_last)

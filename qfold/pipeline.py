@@ -127,9 +127,9 @@ def _run_ptq_into(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor,
     if fallback is not None:
         plan.float_layers.update({n: f"fallback search, {why}" for n, why in fallback.reasons.items()})
     res = PTQResult(folded, bounded, fq, plan, {k: float(q.amax) for k, q in act_quantizers(fq).items()}, reports)
-    art, amax = res.artifacts, res.amax
+    art = res.artifacts
 
-    art["calibration_json"] = calibration_table(fq, cres, amax, calib_x, model).save_json(out / "calibration.json")
+    art["calibration_json"] = calibration_table(fq, cres, calib_x, model).save_json(out / "calibration.json")
     art["onnx"], violations = export_stage(fq, calib_x[:1], out, config, layers=plan.precision_map())
     res.reports["trt_rule_violations"], art["precision_map"] = [str(v) for v in violations], precision_map_path(art["onnx"])
     art["trt_cache"], art["trt_cache_note"] = write_trt_cache(out / "calibration.trtcache", art["onnx"], config.calib.method)

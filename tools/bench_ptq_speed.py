@@ -113,7 +113,7 @@ def worker(tool: str, model: str, n: int, n_eval: int, workdir: Path) -> dict:
         t_cal = time.perf_counter()
         amax = {k: float(q.amax) for k, q in act_quantizers(fq).items()}
         r = pl.PTQResult(folded, bounded, fq, plan, amax, reports)
-        calibration_table(fq, cres, amax, cx, net).save_json(out / "calibration.json")
+        calibration_table(fq, cres, cx, net).save_json(out / "calibration.json")
         onnx_path, _ = pl.export_stage(fq, cx[:1], out, cfg)
         engine = pl.build_engine_stage(onnx_path, out, cfg, cx)
         t1 = time.perf_counter()

@@ -289,14 +289,15 @@ class OrtBackend:
         model = onnx.load_from_string(src)
         needed = tensors_needing_amax_for_ort(model)
         if data is not None:
-            if check_data is None:
+            derived = check_data is None
+            if derived:
                 check_data = _first_rows(data, SELF_CHECK_SAMPLES)
             if extra_amax is None:
-                # when the check batches are the first calibration batches (the batch size divides
-                # SELF_CHECK_SAMPLES), that calibration run of the Q/DQ graph is also the check's reference
-                same = all(len(a) == len(b) for a, b in zip(check_data, data))
-                extra_amax, outs = ort_calibrate_with_outputs(model, needed, data, "max", keep=len(check_data) if same else 0)
-                if check_reference is None and same and outs:
+                # check batches that are whole first calibration batches (the batch size divides
+                # SELF_CHECK_SAMPLES): that calibration run of the Q/DQ graph is also the check's reference
+                whole = derived and all(len(a) == len(b) for a, b in zip(check_data, data))
+                extra_amax, outs = ort_calibrate_with_outputs(model, needed, data, "max", keep=len(check_data) if whole else 0)
+                if check_reference is None and outs:
                     check_reference = outs
         cpu = detect_cpu()
         target = resolve_target(config.cpu_target, cpu)

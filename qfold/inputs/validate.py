@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from qfold.errors import InputError, InputWarning
+from qfold.fx import is_eval
 
 #: Fewer calibration samples than this gives a warning (amax from a handful of inputs is noise).
 MIN_CALIB_SAMPLES = 16
@@ -185,7 +186,7 @@ def check_model_and_data(
     """
     warnings: list[str] = []
     check_model_interface(model)
-    if model.training:
+    if not is_eval(model):  # any submodule: a BatchNorm in training mode normalises with batch statistics
         raise InputError("the model is in training mode; call model.eval() before post-training quantization")
     if calib_x is None or calib_x.ndim == 0 or calib_x.shape[0] == 0:
         raise InputError("no calibration data: give a few hundred representative inputs (qfold never calibrates on random data)")
@@ -267,12 +268,10 @@ def check_onnx_file(path: str | Path) -> Any:
 
 def check_ptq_inputs(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor | None, eval_y: torch.Tensor | None,
                      max_drop_pp: float | None = None) -> None:
-    """Everything :func:`qfold.pipeline.run_ptq` checks before any work; warnings as :class:`InputWarning`.
+    """:func:`check_model_and_data`, its warnings issued as :class:`InputWarning`.
 
     Raises:
-        ValueError: the model is in training mode, or :func:`check_model_and_data` finds bad input.
+        InputError: bad input (a ValueError), named with its fix.
     """
-    if any(m.training for m in model.modules()):
-        raise ValueError("the model is in training mode; call model.eval() before post-training quantization")
     for w in check_model_and_data(model, calib_x, eval_x, eval_y, max_drop_pp=max_drop_pp):
         warnings.warn(w, InputWarning, stacklevel=3)

@@ -66,14 +66,15 @@ def calibrate_model(model: nn.Module, calib_x: torch.Tensor, config: CalibConfig
     return fq, plan, result
 
 
-def calibration_table(fq: fx.GraphModule, result: calib.CalibResult, amax: dict[str, float], calib_x: torch.Tensor,
-                      model: nn.Module) -> calib.CalibTable:
-    """The versioned JSON table: activation amax per quant point, weight amax per layer and channel.
+def calibration_table(fq: fx.GraphModule, result: calib.CalibResult, calib_x: torch.Tensor, model: nn.Module) -> calib.CalibTable:
+    """The versioned JSON table of the calibrated ``fq``: activation amax per quant point, weight amax
+    per layer and channel.
 
     ``meta.model_sha256`` is :func:`calib.hash_model` of the FP32 ``model``; ``meta.data_sha256``
     is :func:`calib.hash_batches` of ``[calib_x]``.
     """
     weights = {name: [float(v) for v in layer.weight_amax] for name, layer in quant_layers(fq).items()}
+    amax = {k: float(q.amax) for k, q in act_quantizers(fq).items()}
     return calib.CalibTable(
         amax=dict(sorted(amax.items())),
         method=result.method.name,
