@@ -96,6 +96,16 @@ def _batches(data: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> It
         raise BoundError("calib_data is empty; pass at least one batch")
 
 
+def _first(batches: Iterator[torch.Tensor], samples: int) -> Iterator[torch.Tensor]:
+    """The leading whole batches holding at least ``samples`` rows (all of them for 0)."""
+    rows = 0
+    for b in batches:
+        if samples and rows >= samples:
+            return
+        rows += b.shape[0]
+        yield b
+
+
 def _shapes(gm: fx.GraphModule, batch: torch.Tensor) -> dict[str, tuple | None]:
     """Every node's output shape, from the first two rows of ``batch`` (enough to tell N from C)."""
     shapes: dict[str, tuple | None] = {}
@@ -204,7 +214,7 @@ def _bound_relu(model: nn.Module, calib_data: torch.Tensor | Iterable[torch.Tens
     sites = {n.name: ip for n in graph_nodes if (ip := relu_site(gm, n)) is not None}
     bounded = {n.name: ip for n in graph_nodes if (ip := _bounded_site(gm, n)) is not None}
     target = {n.name: n.target if n.op == "call_module" else fn_name(n.target) for n in graph_nodes}
-    batches = (lambda: _batches(calib_data, batch_size)) if calib_data is not None else None
+    batches = (lambda: _first(_batches(calib_data, batch_size), config.samples)) if calib_data is not None else None
 
     scales: dict[int, torch.Tensor] = {}
     groups, group_of, consumers = [], {}, {}
@@ -260,7 +270,7 @@ def _bound_relu(model: nn.Module, calib_data: torch.Tensor | Iterable[torch.Tens
     if batches is None:
         return bgm, PendingReport(make_report({}, {}, 0, None, None))
     if defer and sites and fp32.outputs:  # the caller's pass of the bounded model completes the report
-        return bgm, PendingReport(None, make_report, fp32, _site_calls(bgm, new_names))
+        return bgm, PendingReport(None, make_report, fp32, _site_calls(bgm, new_names), partial=config.samples > 0)
     return bgm, PendingReport(make_report(*_measure(gm, bgm, batches, sites, new_names, fp32 if fp32.outputs else None)))
 
 
@@ -388,12 +398,14 @@ class PendingReport:
     ``observe(model)`` hooks ``model`` (the bounded GraphModule, or a copy with the same ReLU6
     modules in the same graph order, such as its fake-quant model with quantizers off) while the
     block runs; every forward of ``model`` inside it must be one calibration batch, in the order
-    the statistics pass saw them. ``report()`` then gives the report.
+    the statistics pass saw them (with ``bound.samples`` it saw the leading batches: later ones
+    are calibrated but not compared). ``report()`` then gives the report.
     """
 
     def __init__(self, done: BoundReport | None, make=None, fp32: "_Reference | None" = None,
-                 calls: dict[str, list[str]] | None = None) -> None:
+                 calls: dict[str, list[str]] | None = None, partial: bool = False) -> None:
         self._done, self._make, self._fp32, self._calls = done, make, fp32, calls or {}
+        self._partial = partial  # the statistics saw the leading batches only; later ones are not compared
         self._cmp = _Compare()
         self._clip = dict.fromkeys(fp32.total if fp32 is not None else (), 0)
 
@@ -413,8 +425,10 @@ class PendingReport:
             raise BoundError(f"the model to observe lacks the bounded model's ReLU6 modules {missing[:3]}; pass the bounded model or its fake-quant copy")
         seen = dict.fromkeys(self._calls, 0)
         fp32, clip = self._fp32, self._clip
+        active = [True]  # this batch is one the statistics pass saw (bound.samples: the leading ones)
 
         def start(_m: nn.Module, _args: tuple) -> None:
+            active[0] = self._cmp.batches < len(fp32.outputs) or not self._partial
             for t in seen:
                 seen[t] = 0
 
@@ -422,6 +436,8 @@ class PendingReport:
             sites = self._calls[t]
 
             def pre(_m: nn.Module, args: tuple) -> None:
+                if not active[0]:
+                    return
                 k = seen[t]
                 if k >= len(sites):
                     raise BoundError(f"module {t} ran more often than the bounded graph calls it; observe the bounded model itself")
@@ -430,6 +446,8 @@ class PendingReport:
             return pre
 
         def end(_m: nn.Module, args: tuple, out: object) -> None:
+            if not active[0]:
+                return
             i = self._cmp.batches
             if i >= len(fp32.outputs):
                 raise BoundError("the observed model ran more batches than the statistics pass saw; run it over the same calibration batches")
