@@ -35,7 +35,7 @@ def weight_amax(w: torch.Tensor, axis: int) -> torch.Tensor:
     return flat.abs().amax(dim=1).float()
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
+def flat_view(x: torch.Tensor) -> torch.Tensor:
     """The values of ``x`` as a 1-D tensor in memory order: a view for any dense layout (e.g.
     channels-last), where ``reshape(-1)`` would copy. Counts and extremes do not depend on order."""
     if not x.is_contiguous():
@@ -83,7 +83,7 @@ class HistogramObserver:
             return
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()  # exact for float16 / bfloat16 / small integers
-        x = _flat(x)
+        x = flat_view(x)
         lo, hi = torch.aminmax(x)  # one pass; NaN propagates
         m = max(-float(lo), float(hi))
         if not math.isfinite(m):

@@ -250,8 +250,8 @@ def cmd_calibrate(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.R
 def cmd_export(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -> int:
     from qfold import pipeline as pl
 
-    _, calib_x, fq, plan, _ = _calibrated(args, cfg)
-    path, violations = pl.export_stage(fq, calib_x[:1], run.path, cfg, layers=plan.precision_map())
+    _, calib_x, fq, plan, cres = _calibrated(args, cfg)
+    path, violations = pl.export_stage(fq, calib_x[:1], run.path, cfg, plan.precision_map(), cres)
     for v in violations:
         print(f"TensorRT rule: {v}", file=sys.stderr)
     print(f"wrote {run.final(path)}")
@@ -317,10 +317,11 @@ def cmd_eval(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -
     report.save(run.path, stem="engine_accuracy")
     print(report.to_markdown())
     if hasattr(engine, "check"):  # ONNX Runtime: the build's self-check, on this CPU
-        from qfold.engine.ort import SELF_CHECK_SAMPLES
+        from qfold.engine.ort import self_check_rows
         from qfold.inputs.sources import batches
 
-        check = engine.check(b.numpy() for b in batches(calib_x[:SELF_CHECK_SAMPLES], cfg.calib.batch_size))
+        rows = self_check_rows(int(np.prod(calib_x.shape[1:])))
+        check = engine.check(b.numpy() for b in batches(calib_x[:rows], cfg.calib.batch_size))
         _write_json(run.path / "engine_check.json", check.to_dict())
         print(f"engine self-check on this CPU ({engine.cpu.describe()}, runs as '{engine.running_as}'): "
               f"{'passed' if check.passed else 'FAILED'}; {check.summary()}", file=sys.stdout if check.passed else sys.stderr)

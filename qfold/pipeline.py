@@ -27,7 +27,7 @@ from qfold.fold import fold_batchnorm
 from qfold.fx import channels_last
 from qfold.inputs.sources import batches
 from qfold.inputs.validate import check_ptq_inputs
-from qfold.onnx import export_onnx
+from qfold.onnx import attach_tensor_amax, export_onnx
 from qfold.onnx.export import precision_map_path
 from qfold.onnx.qdq import check_trt_rules
 from qfold.outdir import final_path, owned
@@ -70,14 +70,16 @@ def bound_stage(folded: nn.Module, calib_x: torch.Tensor, config: PTQConfig, *, 
 def calibrate_stage(model: nn.Module, calib_x: torch.Tensor, config: PTQConfig, *,
                     bound_report: Any = None) -> tuple[fx.GraphModule, QuantPlan, calib.CalibResult]:
     """Plan Q/DQ, insert quantizers, observe the float network, set every amax; the pass completes ``bound_report``."""
-    watch = None if bound_report is None else bound_report.observe
-    return calibrate_model(model, calib_x, config.calib, config.export.keep_float, progress=config.progress, watch=watch)
+    return calibrate_model(model, calib_x, config.calib, config.export.keep_float, progress=config.progress,
+                           watch=None if bound_report is None else bound_report.observe)
 
 
 def export_stage(fq: fx.GraphModule, example: torch.Tensor, out_dir: Path, config: PTQConfig,
-                 layers: dict[str, Any] | None = None) -> tuple[Path, list]:
-    """Export the fake-quant model to a TensorRT-profile Q/DQ ONNX; returns its path and rule violations."""
+                 layers: dict[str, Any] | None = None, cres: calib.CalibResult | None = None) -> tuple[Path, list]:
+    """Export the fake-quant model to a TensorRT-profile Q/DQ ONNX; returns its path and rule violations.
+    ``cres``: the calibration's amax of the tensors only the ORT rendering quantizes go into the ONNX."""
     path = export_onnx(fq, example, out_dir / "model_qdq.onnx", config.export, layers=layers)
+    attach_tensor_amax(path, fq, cres.extra.get("node_amax", {}), example) if cres is not None else None
     return path, check_trt_rules(onnx.load(str(path)))
 
 
@@ -98,8 +100,7 @@ def run_ptq(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor | None
         calib_x: calibration inputs (N, ...), float.
         eval_x, eval_y: evaluation inputs and optional integer labels (default: the calibration inputs).
         config: every option, see :class:`qfold.config.PTQConfig`.
-        out_dir: folder for every artifact, owned by the run (:mod:`qfold.outdir`: all files appear at the
-            end, replacing an earlier qfold run's; a failed run leaves the folder as it was).
+        out_dir: folder for every artifact, owned by the run (:mod:`qfold.outdir`: all files appear at the end).
 
     Raises:
         qfold.errors.BackendUnavailableError: first, when the configured engine backend cannot run here.
@@ -130,7 +131,7 @@ def _run_ptq_into(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor,
     art = res.artifacts
 
     art["calibration_json"] = calibration_table(fq, cres, calib_x, model).save_json(out / "calibration.json")
-    art["onnx"], violations = export_stage(fq, calib_x[:1], out, config, layers=plan.precision_map())
+    art["onnx"], violations = export_stage(fq, calib_x[:1], out, config, plan.precision_map(), cres)
     res.reports["trt_rule_violations"], art["precision_map"] = [str(v) for v in violations], precision_map_path(art["onnx"])
     art["trt_cache"], art["trt_cache_note"] = write_trt_cache(out / "calibration.trtcache", art["onnx"], config.calib.method)
     engine = build_engine_stage(art["onnx"], out, config, calib_x)

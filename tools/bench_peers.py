@@ -323,8 +323,8 @@ def qfold_ptq(method: str) -> Callable[[str, Split, Split, BenchEnv], dict]:
         with CalibMeter() as meter:
             folded, _ = pl.fold_stage(model, cfg)
             bounded, _ = pl.bound_stage(folded, cx, cfg)
-            fq, _, _ = pl.calibrate_stage(bounded, cx, cfg)
-            onnx_path, _ = pl.export_stage(fq, cx[:1], out, cfg)
+            fq, _, cres = pl.calibrate_stage(bounded, cx, cfg)
+            onnx_path, _ = pl.export_stage(fq, cx[:1], out, cfg, cres=cres)
             engine = pl.build_engine_stage(onnx_path, out, cfg, cx)
         return {**meter.as_dict(), **evaluate_onnx(model_name, out / Path(engine.info.engine_path).name, test, env)}
 

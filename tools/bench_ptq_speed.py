@@ -114,7 +114,7 @@ def worker(tool: str, model: str, n: int, n_eval: int, workdir: Path) -> dict:
         amax = {k: float(q.amax) for k, q in act_quantizers(fq).items()}
         r = pl.PTQResult(folded, bounded, fq, plan, amax, reports)
         calibration_table(fq, cres, cx, net).save_json(out / "calibration.json")
-        onnx_path, _ = pl.export_stage(fq, cx[:1], out, cfg)
+        onnx_path, _ = pl.export_stage(fq, cx[:1], out, cfg, cres=cres)
         engine = pl.build_engine_stage(onnx_path, out, cfg, cx)
         t1 = time.perf_counter()
         res.update(calib_s=t1 - t0, fold_s=t_fold - t0, bound_s=t_bound - t_fold, calibrate_s=t_cal - t_bound,

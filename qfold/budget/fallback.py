@@ -175,10 +175,10 @@ class _Builder:
 
         t0 = time.perf_counter()
         cfg = with_float_layers(self.config, names)
-        fq, _, _ = pl.calibrate_stage(self.bounded, self.calib_x, cfg)
+        fq, _, cres = pl.calibrate_stage(self.bounded, self.calib_x, cfg)
         d = self.work / f"step{len(self.steps)}"
         d.mkdir(parents=True, exist_ok=True)
-        onnx_path, _ = pl.export_stage(fq, self.calib_x[:1], d, cfg)
+        onnx_path, _ = pl.export_stage(fq, self.calib_x[:1], d, cfg, cres=cres)
         engine = pl.build_engine_stage(onnx_path, d, cfg, self.calib_x)
         out = ev.run_logits(lambda xb: engine.run(xb.numpy().astype(np.float32)), self.eval_x, cfg.eval.batch_size)
         m = ev.stage_metrics(self.ref, out, self.eval_y)

@@ -38,10 +38,21 @@ from qfold.engine.ort_cpu import detect_cpu
 from qfold.errors import EngineCheckError
 from qfold.onnx.ort_target import int16_pair_sum_risks, weight_types, weights_to_uint8
 from qfold.onnx.qdq import OrtRendering, render_for_ort, tensors_needing_amax_for_ort
+from qfold.onnx.tensor_amax import recorded_tensor_amax
 
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-#: calibration rows the build self-check runs on (engine vs its portable twin, and vs the Q/DQ ONNX).
+#: calibration rows the build self-check runs on (engine vs its portable twin, and vs the Q/DQ ONNX):
+#: at most SELF_CHECK_SAMPLES, and no more than SELF_CHECK_VALUES input values in all (27 images of
+#: 224x224x3), at least SELF_CHECK_MIN_SAMPLES. A saturating kernel shows on any input: what the
+#: check needs is coverage of every layer, which a few large images give as well as many small ones.
 SELF_CHECK_SAMPLES = 256
+SELF_CHECK_VALUES = 1 << 22
+SELF_CHECK_MIN_SAMPLES = 8
+
+
+def self_check_rows(row_values: int) -> int:
+    """How many calibration rows the self-check runs on, for rows of ``row_values`` input values each."""
+    return max(SELF_CHECK_MIN_SAMPLES, min(SELF_CHECK_SAMPLES, SELF_CHECK_VALUES // max(1, row_values)))
 
 
 def _ort():
@@ -267,9 +278,10 @@ class OrtBackend:
 
         ``data``: calibration batches. The tensors the ORT rendering quantizes beyond the TensorRT
         profile (:func:`qfold.onnx.qdq.tensors_needing_amax_for_ort`: conv outputs on residual
-        branches, which TensorRT keeps in float) get their amax from them with ``max``, so the
-        rendering clips nothing there; the first ``SELF_CHECK_SAMPLES`` rows are the self-check.
-        ``extra_amax`` / ``check_data`` give those two directly instead. Tensors without an amax
+        branches, which TensorRT keeps in float) take the amax the calibration pass measured,
+        recorded in the ONNX (:mod:`qfold.onnx.tensor_amax`); those not recorded get a ``max``
+        amax from a run of the Q/DQ graph over ``data``. The first :func:`self_check_rows` rows are
+        the self-check. ``extra_amax`` / ``check_data`` give those two directly instead. Tensors without an amax
         stay float and are listed in the metadata under ``extra.float_for_lack_of_amax``.
         ``config.cpu_target`` picks the CPU rendering (``auto``: this CPU's class). The self-check:
         the engine, run on this CPU as ``load`` runs it, must match its portable twin
@@ -288,15 +300,21 @@ class OrtBackend:
         src = onnx_path.read_bytes()
         model = onnx.load_from_string(src)
         needed = tensors_needing_amax_for_ort(model)
+        in_ort: list[str] = []  # tensors measured here, in ONNX Runtime, for lack of a recorded amax
+        if extra_amax is None:  # what the calibration pass measured, written into the ONNX at export
+            recorded = recorded_tensor_amax(model)
+            extra_amax = {t: recorded[t] for t in needed if t in recorded}
+            in_ort = [t for t in needed if t not in recorded] if data is not None else []
         if data is not None:
             derived = check_data is None
             if derived:
-                check_data = _first_rows(data, SELF_CHECK_SAMPLES)
-            if extra_amax is None:
+                check_data = _first_rows(data, self_check_rows(int(np.prod(data[0].shape[1:])) if len(data) else 1))
+            if in_ort:
                 # check batches that are whole first calibration batches (the batch size divides
-                # SELF_CHECK_SAMPLES): that calibration run of the Q/DQ graph is also the check's reference
+                # the check rows): that calibration run of the Q/DQ graph is also the check's reference
                 whole = derived and all(len(a) == len(b) for a, b in zip(check_data, data))
-                extra_amax, outs = ort_calibrate_with_outputs(model, needed, data, "max", keep=len(check_data) if whole else 0)
+                measured, outs = ort_calibrate_with_outputs(model, in_ort, data, "max", keep=len(check_data) if whole else 0)
+                extra_amax.update(measured)
                 if check_reference is None and outs:
                     check_reference = outs
         cpu = detect_cpu()
@@ -338,6 +356,7 @@ class OrtBackend:
                 "rendering": asdict(rendering),
                 "extra_amax": {k: float(v) for k, v in sorted((extra_amax or {}).items())},
                 "float_for_lack_of_amax": [t for t in needed if t not in (extra_amax or {})],
+                "extra_amax_measured_in_onnxruntime": in_ort,
                 "engine_config": asdict(config),
                 "cpu_target": target,
                 "built_on_cpu": {"int8_class": cpu.int8_class, "describe": cpu.describe()},

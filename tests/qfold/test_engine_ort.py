@@ -109,3 +109,10 @@ def test_ort_max_amax_is_the_max_abs_of_the_tensor(qdq) -> None:
     want = float(np.abs(sess.run([name], {"input": x.numpy()})[0]).max())
     got = ort_max_amax(model, [name], [x[:8].numpy(), x[8:].numpy()])
     assert got == {name: pytest.approx(want, rel=1e-6)}
+
+
+def test_the_self_check_rows_follow_the_input_size():
+    """Small inputs: up to 256 rows; a 224x224 image: 27 (4 Mi input values); never under 8."""
+    from qfold.engine.ort import self_check_rows
+
+    assert self_check_rows(64) == 256 and self_check_rows(3 * 224 * 224) == 27 and self_check_rows(10**9) == 8
