@@ -171,11 +171,7 @@ class _OutputEnergy:
 
     def hook_ref(self, name: str):
         def fn(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
-            # the energy now (float64, exact sums as before); for the difference, keep the output in its
-            # own dtype: half the memory of a float64 copy, and .double() later gives the same values
-            r64 = out.detach().double()
-            self.signal[name] += float((r64 if r64.data_ptr() != out.data_ptr() else r64.clone()).square_().sum())
-            del r64
+            self.signal[name] += metrics.energy(out)
             self.ref[name].append(out.detach().clone())  # a copy: later in-place ops may overwrite the output
 
         return fn
@@ -184,13 +180,8 @@ class _OutputEnergy:
         def fn(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
             if not self.ref[name]:
                 raise RuntimeError(f"layer {name!r} ran more often in the fake-quant model than in the float model")
-            ref = self.ref[name].pop(0).double()  # this module's own copy, free to overwrite
-            diff = out.detach().double()
-            if diff.data_ptr() == out.data_ptr():  # already float64: .double() returned the output itself
-                diff = diff.clone()
-            # in place, no temporaries: (out - ref)^2 == (ref - out)^2 bit for bit (negation is exact),
-            # and x*x is what x**2 computes; the sums reduce the same shapes in the same order
-            self.noise[name] += float(diff.sub_(ref).mul_(diff).sum())
+            ref = self.ref[name].pop(0)  # this module's own copy, free to overwrite
+            self.noise[name] += metrics.energy(ref.sub_(out.detach()) if ref.dtype == out.dtype else ref - out.detach())
 
         return fn
 

@@ -415,8 +415,8 @@ def test_bound_mode_off_or_swap_with_bn_after_a_reused_conv_reports_every_call(w
     noise = sum(float(((r - q) ** 2).sum()) for r, q in zip(outs["ref"], outs["fq"]))
     expected = sqnr_db_from_energy(signal, noise)
     got = layer_sqnr(ref_model, res.fake_quant, ["c"], x, 256)["c"]
-    assert got == pytest.approx(expected, rel=1e-9)
-    assert {layer.name: layer.sqnr_db for layer in res.accuracy.layers}["c"] == pytest.approx(expected, rel=1e-9)
+    assert got == pytest.approx(expected, rel=1e-6)  # float32 energies (metrics.energy)
+    assert {layer.name: layer.sqnr_db for layer in res.accuracy.layers}["c"] == pytest.approx(expected, rel=1e-6)  # float32 energies (metrics.energy)
 
 
 def test_rerun_replaces_an_earlier_runs_files_and_leaves_no_stale_plots(ws, tmp_path):

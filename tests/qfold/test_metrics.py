@@ -82,3 +82,19 @@ def test_agreement_symmetric_and_row_order_free(a: np.ndarray, b: np.ndarray, pe
     assert v == metrics.top1_agreement(b, a)
     assert v == metrics.top1_agreement(a[perm], b[perm])
     assert v == pytest.approx(sum(int(np.argmax(a[i]) == np.argmax(b[i])) for i in range(6)) / 6)
+
+
+def test_energy_matches_the_float64_sum_in_any_layout():
+    """metrics.energy: a float32 dot product, within 1e-5 of the exact float64 sum here; layouts and dtypes agree."""
+    import torch
+
+    from qfold.report.metrics import energy
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 28, 28)
+    exact = float(x.double().square().sum())
+    assert energy(x) == pytest.approx(exact, rel=1e-5)
+    assert energy(x.contiguous(memory_format=torch.channels_last)) == pytest.approx(exact, rel=1e-5)
+    assert energy(x.double()) == pytest.approx(exact, rel=1e-12)
+    assert energy(x.half()) == pytest.approx(float(x.half().double().square().sum()), rel=1e-5)
+    assert energy(torch.zeros(0)) == 0.0

@@ -72,7 +72,7 @@ def test_paired_pass_gives_each_models_outputs_and_the_layer_sqnr() -> None:
             h.remove()
             outs.append(got[0])
         want = 10 * math.log10(float((outs[0] ** 2).sum()) / float(((outs[0] - outs[1]) ** 2).sum()))
-        assert sq[n] == pytest.approx(want, rel=1e-9)
+        assert sq[n] == pytest.approx(want, rel=1e-6)  # float32 energies (metrics.energy)
         assert math.isfinite(sq[n]) and sq[n] > 10
     assert ev.layer_sqnr(gm, fq, names, x, 16) == sq
 
