@@ -96,12 +96,16 @@ class CalibConfig:
     KL search) collapses on activations with large spikes, such as those a constant image
     background produces; with ``bound.mode = "off"`` prefer ``percentile`` or ``mse``. ``auto``
     chooses per tensor (:mod:`calib.auto`).
+
+    ``batch_size``: rows per forward. Small batches keep a convolution's activations in cache:
+    resnet18 at 224x224 on 2 cores runs 1.3x faster at 16 than at 64 (BENCHMARKS.md, issue 17).
+    The amax do not depend on it (streaming histograms count the same values in any split).
     """
 
     method: str = "max"
     percentile: float = 99.99
     num_bins: int = 2048
-    batch_size: int = 64
+    batch_size: int = 16
     max_samples: int | None = None
 
     def __post_init__(self) -> None:
@@ -191,13 +195,14 @@ class EvalConfig:
     ``stage_samples`` (default: all) measures the ``folded`` and ``bounded`` stages and the
     per-layer report on the first that many evaluation samples only, for speed; the fake-quant
     and engine stages always see every sample. The report says how many each stage saw.
+    ``batch_size``: rows per forward (16: see :class:`CalibConfig`).
 
     ``fallback = "auto"`` searches the fewest layers to keep float (FP16 on TensorRT) so the
     engine's measured drop is within ``max_drop_pp`` (:mod:`qfold.budget.fallback`); ``sensitivity``
     adds the per-layer sensitivity table and plot to the report (always on with the search).
     """
 
-    batch_size: int = 256
+    batch_size: int = 16
     max_drop_pp: float | None = None
     layer_report: bool = True
     plots: bool = True
@@ -219,10 +224,11 @@ class EvalConfig:
 class PTQConfig:
     """The whole post-training-quantization run.
 
-    ``channels_last``: run qfold's own PyTorch passes (the bound's statistics, calibration, the
-    stage report) on channels-last copies of the models: 1.4x (resnet18) to 2.2x (mobilenet_v2,
-    depthwise convs) faster forwards on x86 CPUs, but convolutions then sum in another order, so
-    amax values and report numbers move in the last float32 digits (BENCHMARKS.md, issue 17).
+    ``channels_last`` (default on): run qfold's own PyTorch passes (the bound's statistics,
+    calibration, the stage report) on channels-last copies of the models: 1.4x (resnet18) to 2.2x
+    (mobilenet_v2, depthwise convs) faster forwards on x86 CPUs. Convolutions then sum in another
+    order, so amax values and report numbers move in the last float32 digits (up to 3e-6 relative
+    on resnet18's amax); turn it off to reproduce files made before it was the default.
     """
 
     fold: FoldConfig = field(default_factory=FoldConfig)
@@ -232,7 +238,7 @@ class PTQConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     progress: bool = True
-    channels_last: bool = False
+    channels_last: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists), the form written to manifests and TOML."""
