@@ -71,6 +71,11 @@ def _eval_data(p: argparse.ArgumentParser) -> None:
                    "(needs labelled evaluation data)")
 
 
+def _stage_samples(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stage-samples", type=int, metavar="N", help="for speed: measure the folded and bounded stages and the "
+                   "per-layer report on the first N evaluation samples (fake-quant and engine always see all; the report says so)")
+
+
 def _fold(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-reparam", action="store_true", help="skip RepVGG-style branch merging")
     p.add_argument("--strict-fold", action="store_true", help="fail when a BatchNorm cannot be folded")
@@ -128,6 +133,7 @@ def _config(args: argparse.Namespace) -> cfgmod.PTQConfig:
     put("engine", "cpu_target", getattr(args, "cpu_target", None))
     put("eval", "max_drop_pp", getattr(args, "max_drop", None))
     put("eval", "fallback", getattr(args, "fallback", None))
+    put("eval", "stage_samples", getattr(args, "stage_samples", None))
     cfg = base.replace(**over) if over else base
     if getattr(args, "no_progress", False):
         cfg = cfgmod.from_dict({**cfg.to_dict(), "progress": False})
@@ -348,7 +354,7 @@ def cmd_sensitivity(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir
 #: name -> (function, one-line help, parent parsers of its own flags)
 _COMMANDS: dict[str, tuple[Any, str, tuple[Any, ...]]] = {
     "ptq": (cmd_ptq, "the whole path: fold, bound, calibrate, export, build, evaluate",
-            (_common, _model, _eval_data, _fallback, _fold, _bound, _calib, _keep_float, _opset, _backend)),
+            (_common, _model, _eval_data, _stage_samples, _fallback, _fold, _bound, _calib, _keep_float, _opset, _backend)),
     "fold": (cmd_fold, "merge branches and fold BatchNorm; writes the report and a float ONNX", (_common, _model, _fold)),
     "bound": (cmd_bound, "fold, then ReLU -> ReLU6; writes the report and a float ONNX", (_common, _model, _fold, _bound)),
     "calibrate": (cmd_calibrate, "fold, bound, calibrate; writes calibration.json",

@@ -72,11 +72,14 @@ class AccuracyReport:
         return out
 
     def drop_pp(self, stage: str = "engine") -> float | None:
-        """Top-1 drop in percentage points of ``stage`` against the reference (None without labels)."""
+        """Top-1 drop in percentage points of ``stage`` against the reference on the same samples
+        (a stage measured on a subset: the reference's top-1 there, ``reference["subset"]``)."""
         s = self.stages.get(stage)
-        if s is None or s.top1 is None or self.reference.get("top1") is None:
+        part = self.stage_samples.get(stage, self.reference.get("samples")) != self.reference.get("samples")
+        ref = self.reference.get("subset", {}) if part else self.reference
+        if s is None or s.top1 is None or ref.get("top1") is None:
             return None
-        return 100.0 * (self.reference["top1"] - s.top1)
+        return 100.0 * (ref["top1"] - s.top1)
 
     def check_budget(self, max_drop_pp: float | None, details: str | Path = "accuracy.md") -> None:
         """Raise :class:`qfold.errors.QualityGateError` (carrying this report) when the engine's
@@ -331,6 +334,7 @@ def evaluate_stages(model: nn.Module, res: Any, engine: Any, x: torch.Tensor, y:
     run_engine = lambda xb: engine.run(xb.numpy().astype(np.float32))  # noqa: E731
     report.stages["engine"] = stage_metrics(ref, run_logits(run_engine, x, bs, prog, "engine"), y)
     if n < x.shape[0]:
+        report.reference["subset"] = reference_metrics(ref[:n], ys)  # what the subset stages' drops compare with
         report.stage_samples = {**dict.fromkeys(outs, n), "fake_quant": x.shape[0], "engine": x.shape[0], **({"layers": n} if names else {})}
     if names:
         inputs = layer_inputs(res.plan, res.fake_quant)

@@ -105,8 +105,11 @@ def test_cli_ptq_example_end_to_end(tmp_path):
     acc = json.loads((tmp_path / "out" / "accuracy.json").read_text())
     assert acc["reference"]["samples"] == 1000 and acc["stages"]["engine"]["agreement"] > 0.98
     r = _cli("ptq", "--example", "--out", "out2", "--no-progress", "--method", "max", "--bound-mode", "off",
-             "--max-drop", "-100", cwd=tmp_path)
+             "--max-drop", "-100", "--stage-samples", "100", cwd=tmp_path)
     assert r.returncode == 3 and "exceeds the budget" in r.stderr
+    part = json.loads((tmp_path / "out2" / "accuracy.json").read_text())
+    assert part["stage_samples"]["folded"] == 100 and part["stage_samples"]["engine"] == 1000
+    assert part["reference"]["subset"]["samples"] == 100
 
 
 def test_cli_errors_name_the_cause(tmp_path):

@@ -136,6 +136,10 @@ def test_stage_samples_limits_folded_bounded_and_layers_only(tmp_path) -> None:
     part = run_ptq(model, cx, ex, ey, config=cfg.replace(eval={"stage_samples": 20}), out_dir=tmp_path / "part").accuracy
     assert full.stage_samples == {} and "stage_samples" not in full.to_dict()
     assert part.stage_samples == {"folded": 20, "bounded": 20, "fake_quant": 50, "engine": 50, "layers": 20}
+    # a subset stage's drop compares with the reference on the same samples
+    assert part.reference["subset"]["samples"] == 20 and full.drop_pp("engine") == part.drop_pp("engine")
+    ref20 = float((ev.run_logits(model, ex[:20], 16).argmax(1) == ey[:20].numpy()).mean())
+    assert part.reference["subset"]["top1"] == ref20 and part.drop_pp("folded") == pytest.approx(100 * (ref20 - part.stages["folded"].top1))
     assert "Measured on a subset" in part.to_markdown()
     assert part.stages["engine"] == full.stages["engine"]  # the same engine on the same batches
     assert part.stages["fake_quant"].agreement == full.stages["fake_quant"].agreement
