@@ -10,10 +10,12 @@ Each (tool, model, image count) runs in its own worker process
 (``--worker TOOL --model NAME --n N --workdir DIR``); the workers of one model run one after the
 other, interleaved, so they see the same machine load. Reported per worker:
 
-- qfold (qfold-cl: with ``PTQConfig.channels_last``): ``calib_s`` = fold, bound, calibrate, calibration table, Q/DQ export and the ORT engine
-  build (everything ``run_ptq`` does before the stage report), ``report_s`` = the stage report
-  (``evaluate_stages``) on the eval images, ``peak_rss_mib`` after each part, and the forward passes
-  over the data per stage.
+- qfold (default configuration; qfold-nchw: ``channels_last=False``, the default before issue 17):
+  ``calib_s`` = fold, bound, calibrate, calibration table, Q/DQ export and the ORT engine build
+  (everything ``run_ptq`` does before the stage report), ``report_s`` = the stage report
+  (``evaluate_stages``) on the eval images, ``report_fast_s`` = the same with
+  ``eval.stage_samples`` = FAST_STAGE_SAMPLES (``qfold ptq --stage-samples``), ``peak_rss_mib``
+  after each part.
 - ort-minmax / ort-entropy: FP32 ONNX export + ``quant_pre_process`` + ``quantize_static`` (QDQ,
   per-channel, symmetric int8) as ``calib_s``; ``eval_s`` = one pass of the int8 model over the
   eval images.
@@ -25,6 +27,7 @@ the calibration's peak above it (the part that may not grow with the number of i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -40,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-TOOLS = ("qfold", "qfold-cl", "ort-minmax", "ort-entropy", "torchao")
+TOOLS = ("qfold", "qfold-nchw", "ort-minmax", "ort-entropy", "torchao")
+FAST_STAGE_SAMPLES = 100  # the report's speed option: folded, bounded and the layer report on the first 100 eval images
 
 
 def _rss_mib() -> float:
@@ -91,7 +95,7 @@ def worker(tool: str, model: str, n: int, n_eval: int, workdir: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     base = _rss_mib()
     res: dict = {"tool": tool, "model": model, "n": n, "n_eval": n_eval, "threads": torch.get_num_threads(), "rss_base_mib": base}
-    if tool in ("qfold", "qfold-cl"):
+    if tool in ("qfold", "qfold-nchw"):
         from qfold import pipeline as pl
         from qfold.config import PTQConfig
         from qfold.fx import channels_last
@@ -99,7 +103,9 @@ def worker(tool: str, model: str, n: int, n_eval: int, workdir: Path) -> dict:
         from qfold.quant.prepare import act_quantizers
         from qfold.report.stages import evaluate_stages
 
-        cfg = PTQConfig(progress=False, channels_last=tool == "qfold-cl").replace(eval={"plots": False})
+        cfg = PTQConfig(progress=False).replace(eval={"plots": False})
+        if tool == "qfold-nchw":
+            cfg = dataclasses.replace(cfg, channels_last=False)
         cx, ex = torch.from_numpy(calib), torch.from_numpy(ev)
         t0 = time.perf_counter()
         folded, reports = pl.fold_stage(net, cfg, cx[:2])
@@ -120,7 +126,12 @@ def worker(tool: str, model: str, n: int, n_eval: int, workdir: Path) -> dict:
         res.update(calib_s=t1 - t0, fold_s=t_fold - t0, bound_s=t_bound - t_fold, calibrate_s=t_cal - t_bound,
                    export_build_s=t1 - t_cal, calib_peak_mib=_peak_mib())
         acc = evaluate_stages(net, r, engine, ex, None, cfg)
-        res.update(report_s=time.perf_counter() - t1, peak_rss_mib=_peak_mib(), engine_sqnr_db=acc.stages["engine"].sqnr_db)
+        t2 = time.perf_counter()
+        res.update(report_s=t2 - t1, peak_rss_mib=_peak_mib(), engine_sqnr_db=acc.stages["engine"].sqnr_db,
+                   fake_quant_sqnr_db=acc.stages["fake_quant"].sqnr_db)
+        if tool == "qfold":
+            evaluate_stages(net, r, engine, ex, None, cfg.replace(eval={"stage_samples": FAST_STAGE_SAMPLES}))
+            res.update(report_fast_s=time.perf_counter() - t2)
     elif tool.startswith("ort-"):
         import onnxruntime as ort
         from onnxruntime.quantization import (
@@ -257,18 +268,20 @@ def summary(rows: list[dict]) -> str:
         k = (r["model"], r["n"], r["tool"])
         if "error" not in r and (k not in by or r["calib_s"] < by[k]["calib_s"]):
             by[k] = r
-    lines = ["| model | images | qfold calib s | ORT MinMax s | ORT Entropy s | torch.ao s | qfold / MinMax | Entropy / qfold | qfold report s | ORT eval pass s | qfold total / 2(MinMax+eval) | qfold calib rise MiB | MinMax rise MiB | qfold-cl calib s | qfold-cl report s | baseline calib s | baseline report s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | images | qfold calib s | ORT MinMax s | ORT Entropy s | torch.ao s | qfold / MinMax | Entropy / qfold | "
+             "qfold report s (fast) | ORT eval pass s | total / 2(MinMax+eval) (fast) | qfold calib rise MiB | MinMax rise MiB | "
+             "qfold-nchw calib s | baseline calib s | baseline report s |",
+             "|" + "---|" * 16]
     for model, n in sorted({(m, n) for m, n, _ in by}):
         g = lambda t, k: by.get((model, n, t), {}).get(k)  # noqa: E731
         f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         q, mm, en = g("qfold", "calib_s"), g("ort-minmax", "calib_s"), g("ort-entropy", "calib_s")
-        rep, evs = g("qfold", "report_s"), g("ort-minmax", "eval_s")
-        total = None if None in (q, rep, mm, evs) else (q + rep) / (2 * (mm + evs))
+        rep, fast, evs = g("qfold", "report_s"), g("qfold", "report_fast_s"), g("ort-minmax", "eval_s")
+        ratio = lambda r: "-" if None in (q, r, mm, evs) else f"{(q + r) / (2 * (mm + evs)):.2f}"  # noqa: E731
         lines.append(f"| {model} | {n} | {f(q)} | {f(mm)} | {f(en)} | {f(g('torchao', 'calib_s'))} | "
                      f"{'-' if None in (q, mm) else f'{q / mm:.2f}'} | {'-' if None in (q, en) else f'{en / q:.2f}'} | "
-                     f"{f(rep)} | {f(evs)} | {'-' if total is None else f'{total:.2f}'} | {f(g('qfold', 'calib_rise_mib'))} | {f(g('ort-minmax', 'calib_rise_mib'))} | "
-                     f"{f(g('qfold-cl', 'calib_s'))} | {f(g('qfold-cl', 'report_s'))} | {f(g('baseline', 'calib_s'))} | {f(g('baseline', 'report_s'))} |")
+                     f"{f(rep)} ({f(fast)}) | {f(evs)} | {ratio(rep)} ({ratio(fast)}) | {f(g('qfold', 'calib_rise_mib'))} | "
+                     f"{f(g('ort-minmax', 'calib_rise_mib'))} | {f(g('qfold-nchw', 'calib_s'))} | {f(g('baseline', 'calib_s'))} | {f(g('baseline', 'report_s'))} |")
     return "\n".join(lines)
 
 
