@@ -31,7 +31,7 @@ SCHEMA = 1
 def _update_tensor(h: "hashlib._Hash", name: str, t: torch.Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself: no copy of the data
 
 
 def hash_model(model: torch.nn.Module) -> str:

@@ -28,6 +28,7 @@ consumers) are :mod:`qfold.bound.sites`; this module applies the plan.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -97,7 +98,8 @@ def _batches(data: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> It
 
 
 def _first(batches: Iterator[torch.Tensor], samples: int) -> Iterator[torch.Tensor]:
-    """The leading whole batches holding at least ``samples`` rows (all of them for 0)."""
+    """The leading whole batches holding at least ``samples`` rows (all of them for 0); the
+    statistics need ``bound.values`` values per channel, so a site's smallest map sets the rows."""
     rows = 0
     for b in batches:
         if samples and rows >= samples:
@@ -214,14 +216,19 @@ def _bound_relu(model: nn.Module, calib_data: torch.Tensor | Iterable[torch.Tens
     sites = {n.name: ip for n in graph_nodes if (ip := relu_site(gm, n)) is not None}
     bounded = {n.name: ip for n in graph_nodes if (ip := _bounded_site(gm, n)) is not None}
     target = {n.name: n.target if n.op == "call_module" else fn_name(n.target) for n in graph_nodes}
-    batches = (lambda: _first(_batches(calib_data, batch_size), config.samples)) if calib_data is not None else None
+    rows, shapes = 0, {}  # rows 0: all of them, unless bound.values says fewer suffice
+    if calib_data is not None and config.mode == "preserve" and sites:
+        with eval_mode(gm):
+            shapes = _shapes(gm, first)
+        if config.values:  # (N, C, *spatial): the smallest map sets the rows
+            rows = math.ceil(config.values / min(math.prod(shapes[s][2:]) for s in sites))
+    batches = (lambda: _first(_batches(calib_data, batch_size), rows)) if calib_data is not None else None
 
     scales: dict[int, torch.Tensor] = {}
     groups, group_of, consumers = [], {}, {}
     fp32 = _Reference(sites) if batches is not None else None
     if config.mode == "preserve" and sites:
         with eval_mode(gm):
-            shapes = _shapes(gm, next(iter(batches())))
             groups, group_of, consumers = _plan(gm, shapes, list(sites))
             live = [s for s in sites if not groups[group_of[s]].reason]
             hists = {s: bm.hist_empty(shapes[s][1], config.bins) for s in live}
@@ -270,7 +277,7 @@ def _bound_relu(model: nn.Module, calib_data: torch.Tensor | Iterable[torch.Tens
     if batches is None:
         return bgm, PendingReport(make_report({}, {}, 0, None, None))
     if defer and sites and fp32.outputs:  # the caller's pass of the bounded model completes the report
-        return bgm, PendingReport(None, make_report, fp32, _site_calls(bgm, new_names), partial=config.samples > 0)
+        return bgm, PendingReport(None, make_report, fp32, _site_calls(bgm, new_names), partial=rows > 0)
     return bgm, PendingReport(make_report(*_measure(gm, bgm, batches, sites, new_names, fp32 if fp32.outputs else None)))
 
 
@@ -398,7 +405,7 @@ class PendingReport:
     ``observe(model)`` hooks ``model`` (the bounded GraphModule, or a copy with the same ReLU6
     modules in the same graph order, such as its fake-quant model with quantizers off) while the
     block runs; every forward of ``model`` inside it must be one calibration batch, in the order
-    the statistics pass saw them (with ``bound.samples`` it saw the leading batches: later ones
+    the statistics pass saw them (with ``bound.values`` it saw the leading batches: later ones
     are calibrated but not compared). ``report()`` then gives the report.
     """
 

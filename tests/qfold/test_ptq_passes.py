@@ -196,8 +196,9 @@ def test_calibration_pass_completes_the_bound_report() -> None:
     assert all(torch.equal(a, b) for a, b in zip(gm.state_dict().values(), want_gm.state_dict().values()))
 
 
-def test_bound_samples_takes_the_caps_from_the_leading_batches() -> None:
-    """bound.samples: the statistics pass reads whole leading batches; caps and report are those of that subset."""
+def test_bound_values_takes_the_caps_from_the_leading_batches() -> None:
+    """bound.values: the statistics pass reads the whole leading batches that give every channel that
+    many values (the smallest map sets the rows); caps and report are those of that subset."""
     from qfold.bound.passes import BoundConfig, bound_relu_deferred
     from qfold.pipeline import calibrate_stage
 
@@ -205,18 +206,29 @@ def test_bound_samples_takes_the_caps_from_the_leading_batches() -> None:
     model = _scaled(Net(), 3.0)
     x = 4 * torch.randn(40, 3, 8, 8)
     x[32:] *= 3  # the batch past the subset would raise the caps if it were read
-    want_gm, want = bound_relu(model, [x[:16], x[16:32]], config=BoundConfig(quantile=0.99, samples=0))
+    smallest = min(math.prod(s[2:]) for s in _site_shapes(model, x[:2]))
+    want_gm, want = bound_relu(model, [x[:16], x[16:32]], config=BoundConfig(quantile=0.99, values=0))
     with _Rows() as rows:
-        gm, pending = bound_relu_deferred(model, [x[:16], x[16:32], x[32:]], config=BoundConfig(quantile=0.99, samples=20))
-    assert rows.calls == [2, 16, 16]  # 20 samples: two whole batches
-    with pytest.raises(ValueError, match="bound.samples must be >= 0"):
-        BoundConfig(samples=-1)
+        gm, pending = bound_relu_deferred(model, [x[:16], x[16:32], x[32:]], config=BoundConfig(quantile=0.99, values=20 * smallest))
+    assert rows.calls[-2:] == [16, 16] and sum(r for r in rows.calls if r == 16) == 32  # 20 rows: two whole batches
+    with pytest.raises(ValueError, match="bound.values must be >= 0"):
+        BoundConfig(values=-1)
     calibrate_stage(gm, x, PTQConfig(progress=False).replace(calib={"batch_size": 16}), bound_report=pending)
     got = pending.report()
     assert got == want and got.samples == 32
     assert all(torch.equal(a, b) for a, b in zip(gm.state_dict().values(), want_gm.state_dict().values()))
-    _, everything = bound_relu(model, [x[:16], x[16:32], x[32:]], config=BoundConfig(quantile=0.99, samples=0))
+    _, everything = bound_relu(model, [x[:16], x[16:32], x[32:]], config=BoundConfig(quantile=0.99, values=0))
     assert everything.samples == 40 and everything.sites != got.sites  # the third batch matters when read
+
+
+def _site_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple]:
+    from qfold.bound.passes import _shapes
+    from qfold.capture import trace
+    from qfold.fx import relu_site
+
+    gm = trace(model)
+    shapes = _shapes(gm, x)
+    return [shapes[n.name] for n in gm.graph.nodes if relu_site(gm, n) is not None]
 
 
 def test_deferred_report_of_a_model_without_relu_sites_is_complete() -> None:
