@@ -153,7 +153,7 @@ LINE_BUDGET = {
     "qfold/examples": 300,
     "qfold/fold": 1100,
     "qfold/inputs": 520,
-    "qfold/onnx": 1700,
+    "qfold/onnx": 1850,  # 1700 until issue 17: tensor_amax (the calibration pass measures what only the ORT rendering quantizes)
     "qfold/qat": 820,
     "qfold/quant": 800,
     "qfold/reparam": 620,

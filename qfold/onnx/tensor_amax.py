@@ -7,8 +7,10 @@ the same calibration pass as every quantizer's (``node_amax`` by fx node name,
 :func:`qfold.quant.calibrate.calibrate_model`), so they cost no pass of their own. Which fx node an
 ONNX tensor is cannot be read from names (each exporter names nodes its own way), so it is found by
 value: one probe batch runs through the Q/DQ ONNX (ONNX Runtime, optimizations off) and through the
-fake-quant model; an ONNX tensor is the fx node whose output matches it in shape and, to float
-rounding, in value. A tensor with no such node, or with several whose amax differ, is left out
+fake-quant model, both with activations in float and weights int8-valued (the activation Q/DQ
+pairs bypassed in the ONNX, the activation quantizers off in PyTorch: the same function, so the
+outputs agree to float rounding at any depth, where quantized activations would diverge by
+rounding flips); an ONNX tensor is the fx node whose output matches it in shape and value. A tensor with no such node, or with several whose amax differ, is left out
 (the engine build then measures it in ONNX Runtime).
 
 The result travels in the Q/DQ ONNX itself, as the metadata entry :data:`METADATA_KEY` (JSON
@@ -29,15 +31,15 @@ import torch.fx as fx
 from calib.atomic import atomic_write_bytes
 from qfold.onnx.export import serialize
 from qfold.onnx.ort_render import tensors_needing_amax_for_ort
+from qfold.quant.prepare import quantization_disabled
 
 __all__ = ["METADATA_KEY", "attach_tensor_amax", "match_tensors", "recorded_tensor_amax"]
 
 METADATA_KEY = "qfold.ort_tensor_amax"
-#: a match: relative L2 error of the fake-quant node's output against the ONNX tensor at most this,
-#: and every node with another amax at least MATCH_MARGIN times farther. The two runtimes round
-#: differently and a flipped quantization step travels downstream: resnet18's last block differs
-#: by 7 % between them, while its other same-shaped nodes are 45-100 % away.
-MATCH_TOLERANCE = 0.25
+#: a match: relative L2 error of the node's output against the ONNX tensor at most this (float
+#: rounding of two runtimes: about 1e-6), and every node with another amax at least MATCH_MARGIN
+#: times farther.
+MATCH_TOLERANCE = 1e-3
 MATCH_MARGIN = 4.0
 
 
@@ -55,11 +57,37 @@ class _Keep(fx.Interpreter):
         return out
 
 
+def _float_activations(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the Q/DQ ``model`` whose activation Q -> DQ pairs are bypassed (weight DQs stay)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    consts = {i.name for i in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
+    q_in = {n.output[0]: n.input[0] for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in consts}
+    bypass = {n.output[0]: q_in[n.input[0]] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in q_in}
+    outputs = {o.name for o in m.graph.output}
+    for n in m.graph.node:
+        for k, name in enumerate(n.input):
+            if name in bypass:
+                n.input[k] = bypass[name]
+    keep = [n for n in m.graph.node if not ((n.op_type == "DequantizeLinear" and n.output[0] in bypass and n.output[0] not in outputs)
+                                            or (n.op_type == "QuantizeLinear" and n.output[0] in q_in))]
+    if any(o in bypass for o in outputs):  # a model output read through Q/DQ keeps them
+        return _copy(model)
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    return m
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
 def _onnx_tensors(model: onnx.ModelProto, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = _float_activations(model)
     have = {o.name for o in m.graph.output}
     m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in have)
     so = ort.SessionOptions()
@@ -84,7 +112,7 @@ def match_tensors(model: onnx.ModelProto, fq: fx.GraphModule, node_amax: Mapping
         return {}
     want = _onnx_tensors(model, tensors, probe.numpy())
     keep = _Keep(fq, node_amax)
-    with torch.inference_mode():
+    with torch.inference_mode(), quantization_disabled(fq, activations_only=True):
         keep.run(probe.contiguous())
     found: dict[str, str] = {}
     for t, ref in want.items():

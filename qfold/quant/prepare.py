@@ -91,8 +91,9 @@ class quantization_disabled:
     TensorRT's own calibration); the previous states are restored on exit, even on error.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self._mods = [m for m in model.modules() if isinstance(m, (ActQuant, QuantLayer))]
+    def __init__(self, model: nn.Module, *, activations_only: bool = False) -> None:
+        kinds = ActQuant if activations_only else (ActQuant, QuantLayer)  # activations only: weights stay int8-valued
+        self._mods = [m for m in model.modules() if isinstance(m, kinds)]
         self._saved: list[bool] = []
 
     def __enter__(self) -> None:
