@@ -37,9 +37,10 @@ __all__ = ["METADATA_KEY", "attach_tensor_amax", "match_tensors", "recorded_tens
 
 METADATA_KEY = "qfold.ort_tensor_amax"
 #: a match: relative L2 error of the node's output against the ONNX tensor at most this (float
-#: rounding of two runtimes: about 1e-6), and every node with another amax at least MATCH_MARGIN
-#: times farther.
-MATCH_TOLERANCE = 1e-3
+#: rounding of two runtimes: 3e-5 after one resnet18 block, 1e-3 after resnet50's 50 layers, while
+#: the other same-shaped nodes are 90-140 % away), and every node with another amax at least
+#: MATCH_MARGIN times farther.
+MATCH_TOLERANCE = 0.05
 MATCH_MARGIN = 4.0
 
 
