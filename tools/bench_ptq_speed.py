@@ -21,8 +21,9 @@ other, interleaved, so they see the same machine load. Reported per worker:
   eval images.
 - torchao: ``prepare_fx`` + calibration + ``convert_fx`` (x86 qconfig) as ``calib_s``.
 
-``rss_base_mib`` is the RSS after imports, model and data are loaded; ``calib_rise_mib`` is
-the calibration's peak above it (the part that may not grow with the number of images).
+``rss_base_mib`` is the RSS after imports, model and data are loaded (copied into anonymous memory,
+then the peak is reset: VmHWM); ``calib_rise_mib`` is the calibration's peak above it (the part
+that may not grow with the number of images).
 """
 from __future__ import annotations
 
@@ -55,7 +56,19 @@ def _rss_mib() -> float:
 
 
 def _peak_mib() -> float:
+    """Peak RSS since the last :func:`_reset_peak` (VmHWM), else since the process started."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> None:
+    """Start the peak over from the current RSS (Linux >= 4.0), so loading the data does not count."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def prepare(workdir: Path, model: str, n_max: int, n_eval: int) -> None:
@@ -82,8 +95,10 @@ def _load(workdir: Path, model: str, n: int, n_eval: int):
     calib = np.load(big, mmap_mode="r")
     if len(calib) < n:
         raise SystemExit(f"{big} has {len(calib)} images, fewer than {n}")
-    calib = np.ascontiguousarray(calib[:n])
-    ev = np.ascontiguousarray(np.load(workdir / f"eval_{n_eval}.npy"))
+    # copies in anonymous memory: a slice of the memory map would stay file-backed, and the pages
+    # each pass touches would count as the tool's memory growing with the image count
+    calib = np.array(calib[:n], copy=True)
+    ev = np.array(np.load(workdir / f"eval_{n_eval}.npy"), copy=True)
     return m.eval(), calib, ev
 
 
@@ -94,6 +109,7 @@ def worker(tool: str, model: str, n: int, n_eval: int, workdir: Path) -> dict:
     out = workdir / f"{tool}-{model}-{n}"
     out.mkdir(parents=True, exist_ok=True)
     base = _rss_mib()
+    _reset_peak()
     res: dict = {"tool": tool, "model": model, "n": n, "n_eval": n_eval, "threads": torch.get_num_threads(), "rss_base_mib": base}
     if tool in ("qfold", "qfold-nchw"):
         from qfold import pipeline as pl
