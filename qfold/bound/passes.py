@@ -432,7 +432,7 @@ class PendingReport:
             raise BoundError(f"the model to observe lacks the bounded model's ReLU6 modules {missing[:3]}; pass the bounded model or its fake-quant copy")
         seen = dict.fromkeys(self._calls, 0)
         fp32, clip = self._fp32, self._clip
-        active = [True]  # this batch is one the statistics pass saw (bound.samples: the leading ones)
+        active = [True]  # this batch is one the statistics pass saw (bound.values: the leading ones)
 
         def start(_m: nn.Module, _args: tuple) -> None:
             active[0] = self._cmp.batches < len(fp32.outputs) or not self._partial

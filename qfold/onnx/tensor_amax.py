@@ -8,10 +8,11 @@ the same calibration pass as every quantizer's (``node_amax`` by fx node name,
 ONNX tensor is cannot be read from names (each exporter names nodes its own way), so it is found by
 value: one probe batch runs through the Q/DQ ONNX (ONNX Runtime, optimizations off) and through the
 fake-quant model, both with activations in float and weights int8-valued (the activation Q/DQ
-pairs bypassed in the ONNX, the activation quantizers off in PyTorch: the same function, so the
+pairs bypassed in the ONNX, the activation quantizers off in PyTorch): the same function, so the
 outputs agree to float rounding at any depth, where quantized activations would diverge by
-rounding flips); an ONNX tensor is the fx node whose output matches it in shape and value. A tensor with no such node, or with several whose amax differ, is left out
-(the engine build then measures it in ONNX Runtime).
+rounding flips. An ONNX tensor is the fx node whose output matches it in shape and value; a
+tensor with no such node, or with several whose amax differ, is left out (the engine build then
+measures it in ONNX Runtime).
 
 The result travels in the Q/DQ ONNX itself, as the metadata entry :data:`METADATA_KEY` (JSON
 ``{tensor name: amax}``), so an engine built later from the file alone (``qfold build``) needs no
@@ -65,23 +66,16 @@ def _float_activations(model: onnx.ModelProto) -> onnx.ModelProto:
     consts = {i.name for i in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
     q_in = {n.output[0]: n.input[0] for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in consts}
     bypass = {n.output[0]: q_in[n.input[0]] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in q_in}
-    outputs = {o.name for o in m.graph.output}
+    if any(o.name in bypass for o in m.graph.output):  # a model output read through Q/DQ: left as it is
+        return m
     for n in m.graph.node:
         for k, name in enumerate(n.input):
             if name in bypass:
                 n.input[k] = bypass[name]
-    keep = [n for n in m.graph.node if not ((n.op_type == "DequantizeLinear" and n.output[0] in bypass and n.output[0] not in outputs)
-                                            or (n.op_type == "QuantizeLinear" and n.output[0] in q_in))]
-    if any(o in bypass for o in outputs):  # a model output read through Q/DQ keeps them
-        return _copy(model)
+    read = {name for n in m.graph.node for name in n.input}  # after the rewiring: what is still read
+    keep = [n for n in m.graph.node if not (n.output[0] in bypass or (n.output[0] in q_in and n.output[0] not in read))]
     del m.graph.node[:]
     m.graph.node.extend(keep)
-    return m
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
     return m
 
 
