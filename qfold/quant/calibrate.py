@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -48,8 +49,8 @@ def calibrate_model(model: nn.Module, calib_x: torch.Tensor, config: CalibConfig
     model it gets shares every submodule with the fake-quant model.
     Returns ``(fake_quant, plan, result)``; ``result`` holds the observers (their histograms are
     the report's activation plots) and, in ``result.extra["node_amax"]``, the float ``max |x|`` of
-    every other node's output by fx node name (what an engine quantizing more tensors than the
-    Q/DQ graph reads: :mod:`qfold.onnx.tensor_amax`). Raises ValueError when nothing is left to
+    the layer and add outputs no quantizer reads, by fx node name (what an engine quantizing more
+    tensors than the Q/DQ graph needs: :mod:`qfold.onnx.tensor_amax`). Raises ValueError when nothing is left to
     quantize.
     """
     gm = model if isinstance(model, fx.GraphModule) else trace(model, example_inputs=calib_x[: config.batch_size])
@@ -133,13 +134,8 @@ def _tapped(fq: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, float]]:
         n.replace_all_uses_with(t, delete_user_cb=lambda u, t=t: u is not t)
     for n in graph.nodes:
         if n.op in ("call_module", "get_attr") and n.target not in mods:
-            mods[n.target] = fq.get_submodule(n.target) if n.op == "call_module" else _attr(fq, n.target)
+            mods[n.target] = attrgetter(n.target)(fq)  # a submodule or a constant, by dotted path
     return fx.GraphModule(mods, graph), store
-
-
-def _attr(root: nn.Module, qualname: str) -> object:
-    *path, last = qualname.split(".")
-    return getattr(root.get_submodule(".".join(path)), last)
 
 
 def calibration_table(fq: fx.GraphModule, result: calib.CalibResult, calib_x: torch.Tensor, model: nn.Module) -> calib.CalibTable:
