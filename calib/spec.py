@@ -82,6 +82,29 @@ def scale_from_amax_torch(amax: torch.Tensor, spec: QuantSpec = INT8_PER_TENSOR)
     return amax / spec.qmax
 
 
+def fake_quant_inference_torch(x: torch.Tensor, scale: torch.Tensor, axis: int | None = None,
+                                spec: QuantSpec = INT8_PER_TENSOR) -> torch.Tensor:
+    """``torch.fake_quantize_per_{tensor,channel}_affine`` with zero point 0, bit for bit, faster.
+
+    The same arithmetic as those kernels, ``clamp(round_half_even(x * (1 / scale))) * scale`` in
+    float32 (they multiply by the float32 reciprocal, they do not divide), as four vectorized
+    passes over one new tensor, which on CPU takes about a third of the fused kernel's time.
+    Inference only: no gradient, and tracers and exporters must see the fused op (it is what
+    becomes QuantizeLinear/DequantizeLinear). ``scale``: 0-d, or one value per slice of ``axis``.
+    The result keeps ``x``'s memory format. Where ``|x / scale|`` passes 2**63 the fused kernel's
+    cast to int64 overflows (undefined; -128 on x86) and this one saturates, as an engine does:
+    reachable only from a zero amax (scale 6e-33) meeting a nonzero value, and both results are
+    below 1e-30 in magnitude. Non-finite ``x`` is the caller's to reject (this keeps NaN).
+    """
+    if axis is not None:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    y = torch.mul(x, 1.0 / scale)
+    y.round_().clamp_(spec.qmin, spec.qmax)
+    return y.mul_(scale)
+
+
 def quantize_ref(x: np.ndarray, amax: float | np.ndarray, spec: QuantSpec = INT8_PER_TENSOR) -> np.ndarray:
     """Reference quantizer in numpy: int codes, round half to even (a test oracle).
 

@@ -306,6 +306,7 @@ def cmd_eval(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -
     import numpy as np
 
     from qfold.engine import get_backend
+    from qfold.inputs.rows import auto_rows
     from qfold.report import stages as ev
 
     engine_path = Path(args.engine)
@@ -315,7 +316,7 @@ def cmd_eval(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -
     x = calib_x if eval_x is None else eval_x
     backend = get_backend(cfg.engine.backend)
     engine = backend.load(engine_path, cfg.engine)
-    bs = cfg.eval.batch_size
+    bs = cfg.eval.batch_size or auto_rows(model, x[:1])
     ref = ev.run_logits(model, x, bs, cfg.progress, "FP32")
     report = ev.AccuracyReport(reference=ev.reference_metrics(ref, eval_y))
     out = ev.run_logits(lambda xb: engine.run(xb.numpy().astype(np.float32)), x, bs, cfg.progress, "engine")

@@ -197,14 +197,16 @@ class EvalConfig:
     ``stage_samples`` (default: all) measures the ``folded`` and ``bounded`` stages and the
     per-layer report on the first that many evaluation samples only, for speed; the fake-quant
     and engine stages always see every sample. The report says how many each stage saw.
-    ``batch_size``: rows per forward (16: see :class:`CalibConfig`).
+    ``batch_size``: rows per forward; None (the default) measures it: as many rows as keep the
+    largest layer output of a batch within 16 MiB, at most 256 (:mod:`qfold.inputs.rows`: 5 rows
+    for a resnet at 224x224, 256 for 28x28 digits).
 
     ``fallback = "auto"`` searches the fewest layers to keep float (FP16 on TensorRT) so the
     engine's measured drop is within ``max_drop_pp`` (:mod:`qfold.budget.fallback`); ``sensitivity``
     adds the per-layer sensitivity table and plot to the report (always on with the search).
     """
 
-    batch_size: int = 16
+    batch_size: int | None = None
     max_drop_pp: float | None = None
     layer_report: bool = True
     plots: bool = True
@@ -213,8 +215,8 @@ class EvalConfig:
     sensitivity: bool = False
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"eval.batch_size must be >= 1 (or unset: automatic), got {self.batch_size}")
         if self.stage_samples is not None and self.stage_samples < 1:
             raise ValueError(f"eval.stage_samples must be >= 1 (or unset for all samples), got {self.stage_samples}")
         _one_of("eval.fallback", self.fallback, FALLBACK_MODES)

@@ -25,7 +25,7 @@ from qfold.engine import get_backend, require_backend
 from qfold.errors import QualityGateError
 from qfold.fold import fold_batchnorm
 from qfold.fx import channels_last
-from qfold.inputs.sources import batches
+from qfold.inputs import batches, with_eval_rows
 from qfold.inputs.validate import check_ptq_inputs
 from qfold.onnx import attach_tensor_amax, export_onnx
 from qfold.onnx.export import precision_map_path
@@ -119,6 +119,7 @@ def run_ptq(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor | None
 
 def _run_ptq_into(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor, eval_y: torch.Tensor | None,
                   config: PTQConfig, out: Path) -> PTQResult:
+    config = with_eval_rows(config, model, eval_x)  # eval.batch_size unset: cache-sized batches
     folded, reports = fold_stage(model, config, calib_x[:2])
     folded = channels_last(folded) if config.channels_last else folded  # later stages copy it: all channels-last
     bounded, pending = bound_stage(folded, calib_x, config, defer_report=True)
@@ -129,7 +130,6 @@ def _run_ptq_into(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor,
         plan.float_layers.update({n: f"fallback search, {why}" for n, why in fallback.reasons.items()})
     res = PTQResult(folded, bounded, fq, plan, {k: float(q.amax) for k, q in act_quantizers(fq).items()}, reports)
     art = res.artifacts
-
     art["calibration_json"] = calibration_table(fq, cres, calib_x, model).save_json(out / "calibration.json")
     art["onnx"], violations = export_stage(fq, calib_x[:1], out, config, plan.precision_map(), cres)
     res.reports["trt_rule_violations"], art["precision_map"] = [str(v) for v in violations], precision_map_path(art["onnx"])

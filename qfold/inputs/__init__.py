@@ -2,8 +2,10 @@
 
 - :mod:`qfold.inputs.sources`: ``--model`` / ``--data`` specs -> a model and tensors; batching.
 - :mod:`qfold.inputs.validate`: the configuration schema, the trial forward, ONNX file checks.
+- :mod:`qfold.inputs.rows`: rows per forward, sized to the cache.
 """
+from qfold.inputs.rows import auto_rows, with_eval_rows
 from qfold.inputs.sources import batches, load_data, load_model
 from qfold.inputs.validate import check_model_and_data
 
-__all__ = ["batches", "check_model_and_data", "load_data", "load_model"]
+__all__ = ["auto_rows", "batches", "check_model_and_data", "load_data", "load_model", "with_eval_rows"]

@@ -11,10 +11,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from calib.spec import scale_from_amax_torch
+from calib.spec import fake_quant_inference_torch, scale_from_amax_torch
 from qfold.fx import CONV, CONV_TRANSPOSE
 
 QMIN, QMAX = -128, 127
+
+
+def inference_fast_path(x: torch.Tensor) -> bool:
+    """True when a fake-quant forward may take :func:`calib.spec.fake_quant_inference_torch`:
+    no gradient is recorded, ``x`` is a plain tensor (not a tracer's fake or functional one) and
+    nothing is tracing, exporting or compiling, which must see the fused op to emit Q/DQ."""
+    return (
+        not torch.is_grad_enabled()
+        and type(x) is torch.Tensor
+        and not torch.jit.is_tracing()
+        and not torch.onnx.is_in_onnx_export()
+        and not torch.compiler.is_compiling()
+    )
 
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -49,7 +62,10 @@ class ActQuant(nn.Module):
         scale = scale_from_amax_torch(amax)
         # fake_quantize wants float32; casting only when needed keeps the exported graph Cast-free
         xf = x if x.dtype == torch.float32 else x.float()
-        y = torch.fake_quantize_per_tensor_affine(xf, scale, self.zero_point, QMIN, QMAX)
+        if inference_fast_path(xf):
+            y = fake_quant_inference_torch(xf, scale)
+        else:
+            y = torch.fake_quantize_per_tensor_affine(xf, scale, self.zero_point, QMIN, QMAX)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -76,6 +92,7 @@ class QuantLayer(nn.Module):
         self.register_buffer("enabled", torch.tensor(True, device=dev))
         self.register_buffer("zero_point", torch.zeros(n, dtype=torch.int32, device=dev), persistent=False)
         self.refresh_weight_amax()
+        self._wq_cache: tuple = ()
 
     @torch.no_grad()
     def refresh_weight_amax(self) -> None:
@@ -96,9 +113,31 @@ class QuantLayer(nn.Module):
         wq = torch.fake_quantize_per_channel_affine(wf, scale, zp, self.axis, QMIN, QMAX)
         return wq if w.dtype == torch.float32 else wq.to(w.dtype)
 
+    def _inference_weight(self) -> torch.Tensor:
+        """:meth:`quantized_weight` for a forward that records no gradient, computed once per
+        version of the weight and of ``weight_amax`` (an optimizer step or ``copy_`` bumps it)."""
+        w, amax = self.layer.weight, self.weight_amax
+        if w.is_inference() or amax.is_inference():  # no version counter to key a cache on
+            return self.quantized_weight()
+        key = (w, w._version, amax, amax._version)
+        c = getattr(self, "_wq_cache", ())  # modules pickled before the cache existed lack it
+        if len(c) == 5 and all(a is b for a, b in zip(c[0:4:2], key[0:4:2])) and c[1] == key[1] and c[3] == key[3]:
+            return c[4]
+        wf = w.detach() if w.dtype == torch.float32 else w.detach().float()
+        a = amax if amax.dtype == torch.float32 else amax.float()
+        wq = fake_quant_inference_torch(wf, scale_from_amax_torch(a), self.axis)
+        wq = wq if w.dtype == torch.float32 else wq.to(w.dtype)
+        self._wq_cache = (*key, wq)
+        return wq
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
-        w = self.quantized_weight() if bool(self.enabled) else layer.weight
+        if not bool(self.enabled):
+            w = layer.weight
+        elif inference_fast_path(x):
+            w = self._inference_weight()
+        else:
+            w = self.quantized_weight()
         if isinstance(layer, nn.Linear):
             return F.linear(x, w, layer.bias)
         if isinstance(layer, CONV_TRANSPOSE):

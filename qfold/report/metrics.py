@@ -58,6 +58,38 @@ def energy(x: torch.Tensor) -> float:
     return float(torch.dot(v, v)) if v.numel() else 0.0
 
 
+PAIR_CHUNK = 1 << 18  # values per step of :func:`energies`: 1 MiB of float32, a chunk and its difference stay in cache
+
+
+def _memory_order(x: torch.Tensor, perm: list[int]) -> torch.Tensor:
+    v = x.permute(perm)
+    return (v if v.is_contiguous() else v.contiguous()).reshape(-1)
+
+
+def energies(ref: torch.Tensor, test: torch.Tensor, chunk: int = PAIR_CHUNK) -> tuple[float, float]:
+    """``(sum(ref**2), sum((ref - test)**2))`` in one read of each tensor, nothing written but a
+    cache-sized scratch chunk (:func:`energy`'s BLAS dot per chunk, summed in float64).
+
+    ``test`` is read in ``ref``'s memory order (copied only when its layout differs) and in
+    ``ref``'s dtype.
+    """
+    if ref.shape != test.shape:
+        raise ValueError(f"energies: shapes differ, {tuple(ref.shape)} vs {tuple(test.shape)}")
+    ref = ref.detach() if ref.dtype in (torch.float32, torch.float64) else ref.detach().float()
+    test = test.detach().to(ref.dtype)
+    perm = sorted(range(ref.ndim), key=lambda d: -ref.stride(d))
+    a, b = _memory_order(ref, perm), _memory_order(test, perm)
+    n = a.numel()
+    buf = torch.empty(min(chunk, n), dtype=a.dtype)
+    signal = noise = 0.0
+    for i in range(0, n, chunk):
+        ac = a[i : i + chunk]
+        d = torch.sub(ac, b[i : i + chunk], out=buf[: ac.numel()])
+        signal += float(torch.dot(ac, ac))
+        noise += float(torch.dot(d, d))
+    return signal, noise
+
+
 def sqnr_db_from_energy(signal: float, noise: float) -> float:
     """``10*log10(signal/noise)`` from accumulated energies ``sum(r**2)`` and ``sum((r-t)**2)``.
 

@@ -21,6 +21,7 @@ from calib.atomic import atomic_write_bytes, atomic_write_text
 from qfold.capture import trace
 from qfold.errors import QualityGateError
 from qfold.fx import channels_last
+from qfold.inputs.rows import with_eval_rows
 from qfold.quant.prepare import quantizer_name
 from qfold.report import metrics as metrics
 
@@ -174,7 +175,6 @@ class _OutputEnergy:
 
     def hook_ref(self, name: str):
         def fn(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
-            self.signal[name] += metrics.energy(out)
             self.ref[name].append(out.detach().clone())  # a copy: later in-place ops may overwrite the output
 
         return fn
@@ -183,8 +183,9 @@ class _OutputEnergy:
         def fn(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
             if not self.ref[name]:
                 raise RuntimeError(f"layer {name!r} ran more often in the fake-quant model than in the float model")
-            ref = self.ref[name].pop(0)  # this module's own copy, free to overwrite
-            self.noise[name] += metrics.energy(ref.sub_(out.detach()) if ref.dtype == out.dtype else ref - out.detach())
+            signal, noise = metrics.energies(self.ref[name].pop(0), out)
+            self.signal[name] += signal
+            self.noise[name] += noise
 
         return fn
 
@@ -311,7 +312,7 @@ def evaluate_stages(model: nn.Module, res: Any, engine: Any, x: torch.Tensor, y:
     report in the same pass) and the engine. ``eval.stage_samples`` limits the folded and bounded
     stages and the layer report to the first samples.
     """
-    bs, prog = config.eval.batch_size, config.progress
+    bs, prog = with_eval_rows(config, model, x).eval.batch_size, config.progress
     n = x.shape[0] if config.eval.stage_samples is None else min(config.eval.stage_samples, x.shape[0])
     ref = run_logits(channels_last(model) if config.channels_last else model, x, bs, prog, "FP32")
     report = AccuracyReport(reference=reference_metrics(ref, y))

@@ -98,3 +98,19 @@ def test_energy_matches_the_float64_sum_in_any_layout():
     assert energy(x.double()) == pytest.approx(exact, rel=1e-12)
     assert energy(x.half()) == pytest.approx(float(x.half().double().square().sum()), rel=1e-5)
     assert energy(torch.zeros(0)) == 0.0
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, metrics.PAIR_CHUNK])
+def test_energies_match_float64_sums_in_any_layout(chunk: int) -> None:
+    """metrics.energies: signal and noise energy in one read, whatever the chunk and the layouts."""
+    torch.manual_seed(0)
+    ref = torch.randn(4, 16, 14, 14)
+    test = ref + 0.01 * torch.randn_like(ref)
+    sig, noise = float(ref.double().square().sum()), float((ref.double() - test.double()).square().sum())
+    for r, t in [(ref, test), (ref.contiguous(memory_format=torch.channels_last), test),
+                 (ref.contiguous(memory_format=torch.channels_last), test.contiguous(memory_format=torch.channels_last))]:
+        got = metrics.energies(r, t, chunk=chunk)
+        assert got[0] == pytest.approx(sig, rel=1e-5) and got[1] == pytest.approx(noise, rel=1e-4)
+    assert metrics.energies(ref, ref.clone()) == (pytest.approx(sig, rel=1e-5), 0.0)
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.energies(ref, test[:2])

@@ -161,3 +161,87 @@ def test_quant_layer_weight_is_per_channel_reference_quantized(layer, x_shape):
         torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
     layer.weight.data = w_saved
     assert ql.layer.weight is layer.weight  # parameters are shared, not copied
+
+
+# ----------------------------------------------------------------------------- the inference fast path
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_inference_fake_quant_is_the_fused_op_bit_for_bit(layout: str) -> None:
+    """calib.spec.fake_quant_inference_torch == torch.fake_quantize_*: random values, exact
+    half-step ties, values past the clamp, a zero amax, per tensor and per channel on either axis."""
+    from calib.spec import fake_quant_inference_torch, scale_from_amax_torch
+
+    g = torch.Generator().manual_seed(0)
+    for amax in (0.0, 1e-3, 0.37, 6.0, 1000.0):
+        s = scale_from_amax_torch(torch.tensor(amax))
+        k = torch.randint(-300, 300, (4, 8, 5, 5), generator=g).float()
+        x = torch.cat([torch.randn(4, 8, 5, 5, generator=g) * 2 * max(amax, 1e-3), (k + 0.5) * s, k * s])
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        want = torch.fake_quantize_per_tensor_affine(x, s, torch.tensor(0, dtype=torch.int32), -128, 127)
+        got = fake_quant_inference_torch(x, s)
+        assert torch.equal(got, want)
+        assert got.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+        for axis in (0, 1):
+            amaxes = torch.rand(x.shape[axis], generator=g) * max(amax, 1e-3)
+            amaxes[0] = 0.0  # a dead channel: its values are zero too (past 2**63 steps the fused op's cast overflows)
+            x.select(axis, 0).zero_()
+            sc = scale_from_amax_torch(amaxes)
+            want = torch.fake_quantize_per_channel_affine(x, sc, torch.zeros(x.shape[axis], dtype=torch.int32), axis, -128, 127)
+            assert torch.equal(fake_quant_inference_torch(x, sc, axis), want)
+    tiny = scale_from_amax_torch(torch.tensor(0.0))  # a nonzero value at a zero amax saturates
+    assert float(fake_quant_inference_torch(torch.tensor([1.0, -1.0]), tiny)[0]) == float(127 * tiny)
+
+
+def test_fake_quant_model_gives_the_same_bits_with_and_without_gradients() -> None:
+    """The prepared model under inference_mode (fast path, cached weights) equals its forward with
+    autograd on (the fused ops), and a changed weight or weight amax is seen at the next call."""
+    torch.manual_seed(0)
+    model = ResNetish().eval()
+    x = torch.randn(6, 1, 12, 12)
+    gm = trace(model)
+    fq = prepare_fake_quant(gm, plan_quantization(gm))
+    for q in fq.modules():
+        if isinstance(q, ActQuant):
+            q.set_amax(2.5)
+    with torch.enable_grad():
+        slow = fq(x.requires_grad_(False)).detach()
+    with torch.inference_mode():
+        assert torch.equal(fq(x), slow)
+        assert torch.equal(fq(x), slow)  # second call: cached weights
+    layer = quant_layers(fq)["stem"]
+    with torch.no_grad():
+        layer.layer.weight.mul_(0.5)
+    with torch.enable_grad():
+        slow2 = fq(x).detach()
+    with torch.inference_mode():
+        assert torch.equal(fq(x), slow2) and not torch.equal(slow2, slow)
+    with torch.no_grad():
+        layer.weight_amax.mul_(3.0)  # coarser weight steps
+    with torch.enable_grad():
+        slow3 = fq(x).detach()
+    with torch.no_grad():
+        assert torch.equal(fq(x), slow3) and not torch.equal(slow3, slow2)
+
+
+def test_export_still_sees_the_fused_ops_after_inference_calls(tmp_path) -> None:
+    """An inference call first (weights cached) does not leak the fast path into the ONNX: it has
+    QuantizeLinear/DequantizeLinear and no Round."""
+    import onnx
+
+    from qfold.config import ExportConfig
+    from qfold.onnx import export_onnx
+
+    torch.manual_seed(0)
+    gm = trace(ResNetish().eval())
+    fq = prepare_fake_quant(gm, plan_quantization(gm))
+    for q in fq.modules():
+        if isinstance(q, ActQuant):
+            q.set_amax(2.5)
+    x = torch.randn(2, 1, 12, 12)
+    with torch.inference_mode():
+        fq(x)
+    path = export_onnx(fq, x, tmp_path / "m.onnx", ExportConfig())
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "Round" not in ops
