@@ -328,7 +328,7 @@ def cmd_eval(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -
         from qfold.inputs.sources import batches
 
         rows = self_check_rows(int(np.prod(calib_x.shape[1:])))
-        check = engine.check(b.numpy() for b in batches(calib_x[:rows], cfg.calib.batch_size))
+        check = engine.check(b.numpy() for b in batches(calib_x[:rows], cfg.calib.batch_size or auto_rows(model, calib_x[:1])))
         _write_json(run.path / "engine_check.json", check.to_dict())
         print(f"engine self-check on this CPU ({engine.cpu.describe()}, runs as '{engine.running_as}'): "
               f"{'passed' if check.passed else 'FAILED'}; {check.summary()}", file=sys.stdout if check.passed else sys.stderr)

@@ -59,9 +59,9 @@ class BoundConfig:
         quantile: per-channel quantile of the pre-activation that the cap of 6 is mapped to, in (0.5, 1].
         bins: histogram bins per channel for the streaming quantile (a power of two).
         max_scale: upper bound of a channel scale (guards nearly dead channels).
-        values: the caps' statistics (and the bound report) come from the first calibration
-            batches (whole batches) that give every ReLU channel at least this many values; 0:
-            all batches. The statistics pass runs the unbounded model, which calibration cannot
+        values: the caps' statistics come from the first calibration rows that give every ReLU
+            channel at least this many values, whatever the batch size (the bound report: the
+            whole batches holding them); 0: all rows. The statistics pass runs the unbounded model, which calibration cannot
             share (it observes the rescaled one), so this pass is the price of the bound. The
             site with the smallest map sets the rows: 84 images of 224x224 for resnet18 (7x7
             maps), all 512 of the 28x28 example (4x4 maps). With 4,096 values the 0.9999 cap is
@@ -99,23 +99,24 @@ class CalibConfig:
     background produces; with ``bound.mode = "off"`` prefer ``percentile`` or ``mse``. ``auto``
     chooses per tensor (:mod:`calib.auto`).
 
-    ``batch_size``: rows per forward. Small batches keep a convolution's activations in cache:
-    resnet18 at 224x224 on 2 cores runs 1.3x faster at 16 than at 64 (BENCHMARKS.md, issue 17).
-    The amax do not depend on it (streaming histograms count the same values in any split).
+    ``batch_size``: rows per forward; None (the default) measures it: as many rows as keep the
+    largest layer output of a batch within 16 MiB, at most 256 (:mod:`qfold.inputs.rows`). Small
+    batches keep a convolution's activations in cache (BENCHMARKS.md, issue 17). The amax do not
+    depend on the split (streaming histograms count the same values in any split).
     """
 
     method: str = "max"
     percentile: float = 99.99
     num_bins: int = 2048
-    batch_size: int = 16
+    batch_size: int | None = None
     max_samples: int | None = None
 
     def __post_init__(self) -> None:
         _one_of("calib.method", self.method, CALIB_METHODS)
         if not 0 < self.percentile <= 100:
             raise ValueError(f"calib.percentile must be in (0, 100], got {self.percentile}")
-        if self.batch_size < 1:
-            raise ValueError(f"calib.batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"calib.batch_size must be >= 1 (or unset: automatic), got {self.batch_size}")
         if self.num_bins < 256:
             raise ValueError(f"calib.num_bins must be >= 256 (the entropy search needs them), got {self.num_bins}")
         if self.max_samples is not None and self.max_samples < 1:
@@ -197,9 +198,8 @@ class EvalConfig:
     ``stage_samples`` (default: all) measures the ``folded`` and ``bounded`` stages and the
     per-layer report on the first that many evaluation samples only, for speed; the fake-quant
     and engine stages always see every sample. The report says how many each stage saw.
-    ``batch_size``: rows per forward; None (the default) measures it: as many rows as keep the
-    largest layer output of a batch within 16 MiB, at most 256 (:mod:`qfold.inputs.rows`: 5 rows
-    for a resnet at 224x224, 256 for 28x28 digits).
+    ``batch_size``: rows per forward, None (the default) measured as for ``calib.batch_size``
+    (5 rows for a resnet at 224x224, 256 for 28x28 digits).
 
     ``fallback = "auto"`` searches the fewest layers to keep float (FP16 on TensorRT) so the
     engine's measured drop is within ``max_drop_pp`` (:mod:`qfold.budget.fallback`); ``sensitivity``

@@ -25,7 +25,7 @@ from qfold.engine import get_backend, require_backend
 from qfold.errors import QualityGateError
 from qfold.fold import fold_batchnorm
 from qfold.fx import channels_last
-from qfold.inputs import batches, with_eval_rows
+from qfold.inputs import FALLBACK_ROWS, batches, rows, with_rows
 from qfold.inputs.validate import check_ptq_inputs
 from qfold.onnx import attach_tensor_amax, export_onnx
 from qfold.onnx.export import precision_map_path
@@ -64,7 +64,7 @@ def fold_stage(model: nn.Module, config: PTQConfig, example: torch.Tensor | None
 def bound_stage(folded: nn.Module, calib_x: torch.Tensor, config: PTQConfig, *, defer_report: bool = False) -> tuple[nn.Module, Any]:
     """ReLU -> ReLU6 (nothing with mode "off"); ``defer_report``: a pending report :func:`calibrate_stage` completes."""
     bound = bound_relu_deferred if defer_report else bound_relu
-    return (folded, None) if config.bound.mode == "off" else bound(folded, list(batches(calib_x, config.calib.batch_size)), config=config.bound)
+    return (folded, None) if config.bound.mode == "off" else bound(folded, list(batches(calib_x, rows(config.calib.batch_size, folded, calib_x))), config=config.bound)
 
 
 def calibrate_stage(model: nn.Module, calib_x: torch.Tensor, config: PTQConfig, *,
@@ -86,7 +86,7 @@ def export_stage(fq: fx.GraphModule, example: torch.Tensor, out_dir: Path, confi
 def build_engine_stage(onnx_path: Path, out: Path, config: PTQConfig, calib_x: torch.Tensor | None = None) -> Any:
     """Build ``out/engine<suffix>`` with the configured backend (calibration batches to hand) and load it."""
     backend = get_backend(config.engine.backend)
-    data = None if calib_x is None else [b.numpy() for b in batches(calib_x, config.calib.batch_size)]
+    data = None if calib_x is None else [b.numpy() for b in batches(calib_x, config.calib.batch_size or FALLBACK_ROWS)]
     backend.build(onnx_path, engine_path := out / f"engine{backend.suffix}", config.engine, data)
     return backend.load(engine_path, replace(config.engine, cpu_target="auto"))  # what this CPU computes
 
@@ -119,7 +119,7 @@ def run_ptq(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor | None
 
 def _run_ptq_into(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor, eval_y: torch.Tensor | None,
                   config: PTQConfig, out: Path) -> PTQResult:
-    config = with_eval_rows(config, model, eval_x)  # eval.batch_size unset: cache-sized batches
+    config = with_rows(config, model, calib_x, eval_x)  # batch sizes unset: cache-sized batches
     folded, reports = fold_stage(model, config, calib_x[:2])
     folded = channels_last(folded) if config.channels_last else folded  # later stages copy it: all channels-last
     bounded, pending = bound_stage(folded, calib_x, config, defer_report=True)

@@ -81,7 +81,7 @@ def bench_calib() -> str:
             amax = res.recompute(m)
             _apply(fq, plan, {k: amax[quantizer_name(k)] for k in plan.points})
             out[m] = sqnr()
-        refine_auto(fq, plan, res, cx, CFG.calib.batch_size)
+        refine_auto(fq, plan, res, cx, CFG.calib.batch_size or 16)
         out["auto"] = sqnr()
         info = res.extra["auto"]
         counts: dict[str, int] = {}

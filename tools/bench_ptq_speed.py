@@ -115,6 +115,7 @@ def worker(tool: str, model: str, n: int, n_eval: int, workdir: Path) -> dict:
         from qfold import pipeline as pl
         from qfold.config import PTQConfig
         from qfold.fx import channels_last
+        from qfold.inputs import with_rows
         from qfold.quant.calibrate import calibration_table
         from qfold.quant.prepare import act_quantizers
         from qfold.report.stages import evaluate_stages
@@ -124,6 +125,7 @@ def worker(tool: str, model: str, n: int, n_eval: int, workdir: Path) -> dict:
             cfg = dataclasses.replace(cfg, channels_last=False)
         cx, ex = torch.from_numpy(calib), torch.from_numpy(ev)
         t0 = time.perf_counter()
+        cfg = with_rows(cfg, net, cx, ex)  # as run_ptq: batch sizes measured where unset
         folded, reports = pl.fold_stage(net, cfg, cx[:2])
         if cfg.channels_last:  # as run_ptq does
             folded = channels_last(folded)

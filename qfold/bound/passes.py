@@ -232,6 +232,7 @@ def _bound_relu(model: nn.Module, calib_data: torch.Tensor | Iterable[torch.Tens
             groups, group_of, consumers = _plan(gm, shapes, list(sites))
             live = [s for s in sites if not groups[group_of[s]].reason]
             hists = {s: bm.hist_empty(shapes[s][1], config.bins) for s in live}
+            counted = dict.fromkeys(hists, 0)  # rows in each histogram: exactly `rows` (all for 0), whatever the batch size
 
             def updater(s: str):
                 count = fp32.counter(s)
@@ -239,7 +240,10 @@ def _bound_relu(model: nn.Module, calib_data: torch.Tensor | Iterable[torch.Tens
                 def upd(x: torch.Tensor) -> None:
                     count(x)
                     if s in hists:
-                        hists[s] = bm.hist_update(hists[s], x.detach(), axis=1)
+                        take = x if not rows else x[: max(0, rows - counted[s])]
+                        counted[s] += take.shape[0]
+                        if take.shape[0]:
+                            hists[s] = bm.hist_update(hists[s], take.detach(), axis=1)
                 return upd
 
             # one pass of the unbounded model: the caps' histograms, and what the report needs from it

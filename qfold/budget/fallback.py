@@ -40,7 +40,7 @@ import torch.nn as nn
 from calib.atomic import atomic_write_text
 from qfold.budget.sensitivity import SensitivityReport, layer_sensitivity
 from qfold.config import PTQConfig
-from qfold.inputs.rows import with_eval_rows
+from qfold.inputs.rows import rows, with_rows
 from qfold.report import stages as ev
 
 TIMING_BATCH = 64
@@ -222,7 +222,7 @@ def search_fallback(
     if eval_y is None:
         raise ValueError("fallback = 'auto' needs labelled evaluation data (the budget is a top-1 drop); pass labels "
                          "with the evaluation data (--eval-data with 'y')")
-    config = with_eval_rows(config, model, eval_x)
+    config = with_rows(config, model, calib_x, eval_x)
     t0 = time.perf_counter()
     notes: list[str] = []
     if _same_data(calib_x, eval_x):
@@ -306,7 +306,7 @@ def budget_artifacts(fallback: FallbackResult | None, res: Any, config: PTQConfi
     if not config.eval.sensitivity:
         return []
     sens = layer_sensitivity(res.fake_quant, res.plan, eval_x, eval_y, reference=model,
-                             batch_size=min(with_eval_rows(config, model, eval_x).eval.batch_size, 64))
+                             batch_size=min(rows(config.eval.batch_size, model, eval_x), 64))
     return sens.save(out_dir, plot=config.eval.plots)
 
 

@@ -35,7 +35,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from calib.atomic import atomic_write_text
-from qfold.inputs.rows import with_eval_rows
+from qfold.inputs.rows import rows
 from qfold.quant.modules import ActQuant, QuantLayer
 from qfold.quant.plan import QuantPlan
 from qfold.report import metrics as metrics
@@ -335,5 +335,5 @@ def analyze(model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor | None
     folded, _ = pl.fold_stage(model, config, calib_x[:2])
     bounded, _ = pl.bound_stage(folded, calib_x, config)
     fq, plan, _ = pl.calibrate_stage(bounded, calib_x, config)
-    rows = with_eval_rows(config, model, eval_x).eval.batch_size
-    return layer_sensitivity(fq, plan, eval_x, eval_y, reference=model, batch_size=min(rows, 64))
+    bs = rows(config.eval.batch_size, model, eval_x)
+    return layer_sensitivity(fq, plan, eval_x, eval_y, reference=model, batch_size=min(bs, 64))

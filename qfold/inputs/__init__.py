@@ -4,8 +4,8 @@
 - :mod:`qfold.inputs.validate`: the configuration schema, the trial forward, ONNX file checks.
 - :mod:`qfold.inputs.rows`: rows per forward, sized to the cache.
 """
-from qfold.inputs.rows import auto_rows, with_eval_rows
+from qfold.inputs.rows import FALLBACK_ROWS, auto_rows, rows, with_rows
 from qfold.inputs.sources import batches, load_data, load_model
 from qfold.inputs.validate import check_model_and_data
 
-__all__ = ["auto_rows", "batches", "check_model_and_data", "load_data", "load_model", "with_eval_rows"]
+__all__ = ["FALLBACK_ROWS", "auto_rows", "batches", "check_model_and_data", "load_data", "load_model", "rows", "with_rows"]

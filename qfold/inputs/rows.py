@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from qfold.config import PTQConfig
+from qfold.fx import eval_mode
 
 ACTIVATION_BUDGET = 16 << 20  # bytes of the largest layer output of one batch: half of a 32 MiB L3
 MAX_ROWS = 256
@@ -23,7 +24,8 @@ MAX_ROWS = 256
 
 def largest_output_bytes(model: nn.Module, row: torch.Tensor) -> int:
     """Bytes of the largest tensor a module of ``model`` outputs (or of ``row`` itself) for ``row``
-    (one sample with its batch dimension); one forward under ``torch.inference_mode``."""
+    (one sample with its batch dimension); one forward in eval and inference mode, so no
+    BatchNorm statistics move (every training flag is restored)."""
     sizes = [row.numel() * row.element_size()]
 
     def hook(_m: nn.Module, _i: tuple, out: object) -> None:
@@ -33,7 +35,7 @@ def largest_output_bytes(model: nn.Module, row: torch.Tensor) -> int:
 
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:
-        with torch.inference_mode():
+        with eval_mode(model):
             model(row)
     finally:
         for h in handles:
@@ -46,6 +48,20 @@ def auto_rows(model: nn.Module, row: torch.Tensor, budget: int = ACTIVATION_BUDG
     return max(1, min(max_rows, budget // max(1, largest_output_bytes(model, row[:1]))))
 
 
-def with_eval_rows(config: PTQConfig, model: nn.Module, x: torch.Tensor) -> PTQConfig:
-    """``config`` with ``eval.batch_size`` set: unchanged when given, else :func:`auto_rows` on ``x[:1]``."""
-    return config if config.eval.batch_size is not None else config.replace(eval={"batch_size": auto_rows(model, x[:1])})
+FALLBACK_ROWS = 16  # where no model is at hand to measure (feeding an engine)
+
+
+def rows(batch_size: int | None, model: nn.Module, x: torch.Tensor) -> int:
+    """``batch_size`` when given, else :func:`auto_rows` of ``model`` on ``x[:1]``."""
+    return batch_size if batch_size is not None else auto_rows(model, x[:1])
+
+
+def with_rows(config: PTQConfig, model: nn.Module, calib_x: torch.Tensor, eval_x: torch.Tensor | None = None) -> PTQConfig:
+    """``config`` with ``calib.batch_size`` and ``eval.batch_size`` set (measured where unset;
+    one row of each data set, or of ``calib_x`` for both when ``eval_x`` is None)."""
+    calib_rows = rows(config.calib.batch_size, model, calib_x)
+    eval_rows = rows(config.eval.batch_size, model, calib_x if eval_x is None else eval_x)
+    if (calib_rows, eval_rows) == (config.calib.batch_size, config.eval.batch_size):
+        return config
+    return config.replace(calib={"batch_size": calib_rows}, eval={"batch_size": eval_rows})
+

@@ -34,6 +34,7 @@ from qfold.capture.keep_attrs import keep_interface
 from qfold.config import BOUND_MODES, CalibConfig
 from qfold.fold import formulas as fold_math
 from qfold.fx import call_counts, relu_site, set_module
+from qfold.inputs.rows import rows
 from qfold.qat.modules import ConvBn, QATActQuant, QATQuantLayer, QuantConvBn, can_pair
 from qfold.quant.modules import ActQuant, QuantLayer
 from qfold.quant.plan import plan_quantization
@@ -153,9 +154,9 @@ def _wrap(layer: nn.Module) -> nn.Module:
     return QuantConvBn(layer) if isinstance(layer, ConvBn) else QATQuantLayer(layer)
 
 
-def _batches(data: Any, batch_size: int) -> Iterable[Any]:
+def _batches(data: Any, batch_size: int | None, model: nn.Module) -> Iterable[Any]:
     if isinstance(data, torch.Tensor):
-        return list(torch.split(data, batch_size))
+        return list(torch.split(data, rows(batch_size, model, data)))
     return data
 
 
@@ -166,7 +167,7 @@ def _calibrate(gm: fx.GraphModule, data: Any, config: QATConfig) -> None:
     names = [f"{PREFIX}.{k}" for k in quants]
     method = CalibMethod(config.calib.method, percentile=config.calib.percentile)
     with quantization_disabled(gm):
-        result = calibrate(gm, _batches(data, config.calib.batch_size), names, method=method, progress=False, num_bins=config.calib.num_bins)
+        result = calibrate(gm, _batches(data, config.calib.batch_size, gm), names, method=method, progress=False, num_bins=config.calib.num_bins)
     amax = result.amax
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         from calib.distributed import all_reduce_observers

@@ -24,6 +24,7 @@ from calib.observer import flat_view
 from qfold.capture import trace
 from qfold.config import CalibConfig
 from qfold.fx import RELU_FUNCS, RELU_METHODS, is_add, module_of
+from qfold.inputs.rows import rows
 from qfold.inputs.sources import batches
 from qfold.quant.plan import QuantPlan, plan_quantization
 from qfold.quant.prepare import (
@@ -53,7 +54,8 @@ def calibrate_model(model: nn.Module, calib_x: torch.Tensor, config: CalibConfig
     tensors than the Q/DQ graph needs: :mod:`qfold.onnx.tensor_amax`). Raises ValueError when nothing is left to
     quantize.
     """
-    gm = model if isinstance(model, fx.GraphModule) else trace(model, example_inputs=calib_x[: config.batch_size])
+    bs = rows(config.batch_size, model, calib_x)
+    gm = model if isinstance(model, fx.GraphModule) else trace(model, example_inputs=calib_x[:bs])
     plan = plan_quantization(gm, tuple(keep_float))
     fq = prepare_fake_quant(gm, plan)
     if not plan.points:
@@ -62,7 +64,7 @@ def calibrate_model(model: nn.Module, calib_x: torch.Tensor, config: CalibConfig
     names = [quantizer_name(k) for k in sorted(plan.points)]
     tapped, node_amax = _tapped(fq)
     with quantization_disabled(fq), (watch(tapped) if watch is not None else nullcontext()), torch.inference_mode():
-        result = calib.calibrate(tapped, batches(calib_x, config.batch_size), names, method=method,
+        result = calib.calibrate(tapped, batches(calib_x, bs), names, method=method,
                                  progress=progress, num_bins=config.num_bins)
     result.extra["node_amax"] = dict(node_amax)
     quantizers = act_quantizers(fq)
@@ -74,7 +76,7 @@ def calibrate_model(model: nn.Module, calib_x: torch.Tensor, config: CalibConfig
     if config.method == "auto":  # per tensor, the candidate with the least output-error estimate
         from qfold.quant.auto import refine_auto
 
-        refine_auto(fq, plan, result, calib_x, config.batch_size)
+        refine_auto(fq, plan, result, calib_x, bs)
     return fq, plan, result
 
 

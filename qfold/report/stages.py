@@ -21,7 +21,7 @@ from calib.atomic import atomic_write_bytes, atomic_write_text
 from qfold.capture import trace
 from qfold.errors import QualityGateError
 from qfold.fx import channels_last
-from qfold.inputs.rows import with_eval_rows
+from qfold.inputs.rows import rows
 from qfold.quant.prepare import quantizer_name
 from qfold.report import metrics as metrics
 
@@ -312,7 +312,7 @@ def evaluate_stages(model: nn.Module, res: Any, engine: Any, x: torch.Tensor, y:
     report in the same pass) and the engine. ``eval.stage_samples`` limits the folded and bounded
     stages and the layer report to the first samples.
     """
-    bs, prog = with_eval_rows(config, model, x).eval.batch_size, config.progress
+    bs, prog = rows(config.eval.batch_size, model, x), config.progress
     n = x.shape[0] if config.eval.stage_samples is None else min(config.eval.stage_samples, x.shape[0])
     ref = run_logits(channels_last(model) if config.channels_last else model, x, bs, prog, "FP32")
     report = AccuracyReport(reference=reference_metrics(ref, y))

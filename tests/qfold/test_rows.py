@@ -10,7 +10,7 @@ from qfold.inputs.rows import (
     MAX_ROWS,
     auto_rows,
     largest_output_bytes,
-    with_eval_rows,
+    with_rows,
 )
 
 
@@ -36,8 +36,19 @@ def test_rows_fit_the_largest_output_in_the_budget() -> None:
     assert not m.conv._forward_hooks  # hooks removed
 
 
-def test_with_eval_rows_keeps_a_given_batch_size() -> None:
+def test_with_rows_keeps_given_batch_sizes_and_measures_each_data_set() -> None:
     m, x = Wide(8).eval(), torch.randn(2, 3, 224, 224)
-    assert with_eval_rows(PTQConfig(), m, x).eval.batch_size == 10
-    cfg = PTQConfig().replace(eval={"batch_size": 3})
-    assert with_eval_rows(cfg, m, x) is cfg
+    cfg = with_rows(PTQConfig(), m, x, torch.randn(2, 3, 112, 112))
+    assert (cfg.calib.batch_size, cfg.eval.batch_size) == (10, ACTIVATION_BUDGET // (8 * 112 * 112 * 4)) == (10, 41)
+    assert with_rows(PTQConfig(), m, x).eval.batch_size == 10  # no eval data: the calibration data's
+    given = PTQConfig().replace(calib={"batch_size": 3}, eval={"batch_size": 7})
+    assert with_rows(given, m, x) is given
+
+
+def test_measuring_rows_changes_no_state() -> None:
+    """A model in train mode: its BatchNorm statistics and training flags are as before."""
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    auto_rows(m, torch.randn(2, 3, 16, 16) + 5.0)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert all(mod.training for mod in m.modules())
