@@ -36,6 +36,7 @@ _EXPORTS = {
     "EngineConfig": "qfold.engine.base",
     "plan_quantization": "qfold.quant",
     "prepare_fake_quant": "qfold.quant",
+    "tune_allocator": "qfold.host",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -24,6 +24,7 @@ from qfold import config as cfgmod
 from qfold import outdir
 from qfold.engine import require_backend
 from qfold.errors import BackendUnavailableError, QualityGateError
+from qfold.host import tune_allocator
 
 EXIT_BUDGET = 3
 _CPU_TARGET_HELP = ("ONNX Runtime CPU rendering: auto (this CPU, default), vnni (fast, exact with VNNI/AMX), "
@@ -409,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config(args)
         if hasattr(args, "backend"):  # before any work: a missing TensorRT fails in a second
             require_backend(cfg.engine.backend)
+        tune_allocator()  # this process is qfold's: keep freed tensors in the heap (qfold.host)
         with outdir.owned(args.out) as run:
             return args.func(args, cfg, run)
     except KeyboardInterrupt:

@@ -113,6 +113,9 @@ def worker(tool: str, model: str, n: int, n_eval: int, workdir: Path) -> dict:
     res: dict = {"tool": tool, "model": model, "n": n, "n_eval": n_eval, "threads": torch.get_num_threads(), "rss_base_mib": base}
     if tool in ("qfold", "qfold-nchw"):
         from qfold import pipeline as pl
+        from qfold.host import tune_allocator
+
+        tune_allocator()  # as the qfold command line does for its own process
         from qfold.config import PTQConfig
         from qfold.fx import channels_last
         from qfold.inputs import with_rows
