@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from qfold.edge import run_build
     from qfold.errors import QualityGateError
+    from qfold.host import tune_allocator
 
+    tune_allocator()  # this script owns its process, as the qfold command does (qfold/host.py)
     try:
         manifest = run_build(args.build_toml, args.out)
     except QualityGateError as exc:
