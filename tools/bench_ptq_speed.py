@@ -10,7 +10,8 @@ Each (tool, model, image count) runs in its own worker process
 (``--worker TOOL --model NAME --n N --workdir DIR``); the workers of one model run one after the
 other, interleaved, so they see the same machine load. Reported per worker:
 
-- qfold (default configuration; qfold-nchw: ``channels_last=False``, the default before issue 17):
+- qfold (default configuration, run as the command line runs it: batch sizes measured
+  (``qfold.inputs.with_rows``), allocator tuned (``qfold.host``); qfold-nchw: ``channels_last=False``):
   ``calib_s`` = fold, bound, calibrate, calibration table, Q/DQ export and the ORT engine build
   (everything ``run_ptq`` does before the stage report), ``report_s`` = the stage report
   (``evaluate_stages``) on the eval images, ``report_fast_s`` = the same with
