@@ -92,7 +92,7 @@ class QuantLayer(nn.Module):
         self.register_buffer("enabled", torch.tensor(True, device=dev))
         self.register_buffer("zero_point", torch.zeros(n, dtype=torch.int32, device=dev), persistent=False)
         self.refresh_weight_amax()
-        self._wq_cache: tuple = ()
+        self._wq_cache: tuple | None = None
 
     @torch.no_grad()
     def refresh_weight_amax(self) -> None:
@@ -119,15 +119,14 @@ class QuantLayer(nn.Module):
         w, amax = self.layer.weight, self.weight_amax
         if w.is_inference() or amax.is_inference():  # no version counter to key a cache on
             return self.quantized_weight()
-        key = (w, w._version, amax, amax._version)
-        c = getattr(self, "_wq_cache", ())  # modules pickled before the cache existed lack it
-        if len(c) == 5 and all(a is b for a, b in zip(c[0:4:2], key[0:4:2])) and c[1] == key[1] and c[3] == key[3]:
+        c = getattr(self, "_wq_cache", None)  # (weight, its version, amax, its version, result); None before the first call
+        if c is not None and c[0] is w and c[1] == w._version and c[2] is amax and c[3] == amax._version:
             return c[4]
         wf = w.detach() if w.dtype == torch.float32 else w.detach().float()
         a = amax if amax.dtype == torch.float32 else amax.float()
         wq = fake_quant_inference_torch(wf, scale_from_amax_torch(a), self.axis)
         wq = wq if w.dtype == torch.float32 else wq.to(w.dtype)
-        self._wq_cache = (*key, wq)
+        self._wq_cache = (w, w._version, amax, amax._version, wq)
         return wq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
