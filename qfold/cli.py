@@ -307,7 +307,7 @@ def cmd_eval(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -
     import numpy as np
 
     from qfold.engine import get_backend
-    from qfold.inputs.rows import auto_rows
+    from qfold.inputs.rows import rows as batch_rows
     from qfold.report import stages as ev
 
     engine_path = Path(args.engine)
@@ -317,7 +317,7 @@ def cmd_eval(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -
     x = calib_x if eval_x is None else eval_x
     backend = get_backend(cfg.engine.backend)
     engine = backend.load(engine_path, cfg.engine)
-    bs = cfg.eval.batch_size or auto_rows(model, x[:1])
+    bs = batch_rows(cfg.eval.batch_size, model, x)
     ref = ev.run_logits(model, x, bs, cfg.progress, "FP32")
     report = ev.AccuracyReport(reference=ev.reference_metrics(ref, eval_y))
     out = ev.run_logits(lambda xb: engine.run(xb.numpy().astype(np.float32)), x, bs, cfg.progress, "engine")
@@ -329,7 +329,7 @@ def cmd_eval(args: argparse.Namespace, cfg: cfgmod.PTQConfig, run: outdir.Run) -
         from qfold.inputs.sources import batches
 
         rows = self_check_rows(int(np.prod(calib_x.shape[1:])))
-        check = engine.check(b.numpy() for b in batches(calib_x[:rows], cfg.calib.batch_size or auto_rows(model, calib_x[:1])))
+        check = engine.check(b.numpy() for b in batches(calib_x[:rows], batch_rows(cfg.calib.batch_size, model, calib_x)))
         _write_json(run.path / "engine_check.json", check.to_dict())
         print(f"engine self-check on this CPU ({engine.cpu.describe()}, runs as '{engine.running_as}'): "
               f"{'passed' if check.passed else 'FAILED'}; {check.summary()}", file=sys.stdout if check.passed else sys.stderr)
