@@ -85,10 +85,13 @@ def test_agreement_symmetric_and_row_order_free(a: np.ndarray, b: np.ndarray, pe
 
 
 def test_energy_matches_the_float64_sum_in_any_layout():
-    """metrics.energy: a float32 dot product, within 1e-5 of the exact float64 sum here; layouts and dtypes agree."""
+    """metrics.energies' signal: float32 dot products, within 1e-5 of the exact float64 sum here; layouts and dtypes agree."""
     import torch
 
-    from qfold.report.metrics import energy
+    from qfold.report.metrics import energies
+
+    def energy(x: torch.Tensor) -> float:
+        return energies(x, x)[0]
 
     torch.manual_seed(0)
     x = torch.randn(8, 16, 28, 28)
